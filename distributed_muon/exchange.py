@@ -1,0 +1,212 @@
+"""`Exchange`: move local pieces to their owners as whole matrices, and updates back.
+
+Everything is planned at construction: persistent buffers and, for every piece, the views it
+is copied between. A step is then two ``_foreach_copy_`` calls and one ``all_to_all_single``
+in each direction, whatever the layout (even or ragged pieces, row or column blocks,
+replicas): no per-element Python and no allocation.
+
+Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dtype``):
+
+- ``local``: this rank's local values of every Muon parameter, concatenated; the optimizer
+  writes the momentum update ``u`` here before `gather`, and reads the scaled orthogonal update
+  here after `scatter`.
+- ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`.
+- send/receive buffers of the two all-to-alls, ordered by peer rank, then matrix, then piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distributed_muon.layout import Piece, ShardLayout
+from distributed_muon.plan import OwnershipPlan
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Same-shape, same-options matrices one owner orthogonalizes in one batched call."""
+
+    key: Hashable
+    m: int
+    n: int
+    matrices: tuple[int, ...]
+
+
+class _Route:
+    """One direction of the exchange: pack, all-to-all, unpack."""
+
+    def __init__(self, send: torch.Tensor, recv: torch.Tensor, send_counts: list[int],
+                 recv_counts: list[int], group: dist.ProcessGroup | None) -> None:
+        self.send, self.recv = send, recv
+        self.send_counts, self.recv_counts = send_counts, recv_counts
+        self.group = group
+        self.pack_dst: list[torch.Tensor] = []
+        self.pack_src: list[torch.Tensor] = []
+        self.unpack_dst: list[torch.Tensor] = []
+        self.unpack_src: list[torch.Tensor] = []
+
+    def run(self) -> None:
+        if self.pack_dst:
+            torch._foreach_copy_(self.pack_dst, self.pack_src)
+        if self.group is not None:
+            dist.all_to_all_single(
+                self.recv, self.send, self.recv_counts, self.send_counts, group=self.group
+            )
+        if self.unpack_dst:
+            torch._foreach_copy_(self.unpack_dst, self.unpack_src)
+
+
+class Exchange:
+    """Routes between this rank's local pieces and the whole matrices it owns.
+
+    ``local_numel[p]`` and ``local_shapes[p]`` describe this rank's storage of Muon parameter
+    ``p``. With ``group=None`` (one process) no collective runs and send buffers double as
+    receive buffers.
+    """
+
+    def __init__(
+        self,
+        layout: ShardLayout,
+        plan: OwnershipPlan,
+        group: dist.ProcessGroup | None,
+        local_shapes: list[torch.Size],
+        device: torch.device,
+        local_dtype: torch.dtype,
+        comm_dtype: torch.dtype,
+    ) -> None:
+        self.layout, self.plan, self.group = layout, plan, group
+        world, me = layout.world_size, layout.rank
+        mats = layout.matrices
+
+        # Batches of owned matrices, grouped by (options, shape) in matrix order.
+        grouped: dict[tuple, list[int]] = {}
+        for mat in mats:
+            if plan.owner[mat.id] == me:
+                grouped.setdefault((mat.key, mat.m, mat.n), []).append(mat.id)
+        self.batches = [Batch(k, m, n, tuple(ids)) for (k, m, n), ids in grouped.items()]
+        batch_numel = sum(len(b.matrices) * b.m * b.n for b in self.batches)
+        self._batch_flat = torch.zeros(batch_numel, dtype=comm_dtype, device=device)
+        self.batch_views: list[torch.Tensor] = []
+        base_of: dict[int, int] = {}  # matrix -> flat offset in _batch_flat
+        pos = 0
+        for b in self.batches:
+            self.batch_views.append(
+                self._batch_flat.narrow(0, pos, len(b.matrices) * b.m * b.n).view(-1, b.m, b.n)
+            )
+            for mid in b.matrices:
+                base_of[mid] = pos
+                pos += b.m * b.n
+
+        numels = [int(torch.Size(s).numel()) for s in local_shapes]
+        self.local = torch.zeros(sum(numels), dtype=local_dtype, device=device)
+        param_base = [0]
+        for k in numels:
+            param_base.append(param_base[-1] + k)
+        self.local_views = [
+            self.local.narrow(0, param_base[p], numels[p]).view(local_shapes[p])
+            for p in range(len(numels))
+        ]
+
+        def local_slice(pc: Piece) -> torch.Tensor:
+            return self.local.narrow(0, param_base[pc.param] + pc.offset, pc.size)
+
+        def batch_segments(pc: Piece, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """(view of the owner's matrix, view of ``flat`` holding the piece's values)."""
+            n = mats[pc.matrix].n
+            return [
+                (
+                    torch.as_strided(self._batch_flat, seg.size, seg.stride,
+                                     base_of[pc.matrix] + seg.matrix_offset),
+                    flat.narrow(0, seg.value_offset, _numel(seg.size)).view(seg.size),
+                )
+                for seg in pc.segments(n)
+            ]
+
+        # In: pieces of each matrix's source replica, holder -> owner.
+        sources = [
+            [pc for pc in layout.pieces[mid] if pc.replica == plan.source[mid]]
+            for mid in range(len(mats))
+        ]
+        send_in = _ordered(world, lambda dst: (
+            pc for mid in range(len(mats)) if plan.owner[mid] == dst
+            for pc in sources[mid] if pc.rank == me))
+        recv_in = _ordered(world, lambda src: (
+            pc for mid in range(len(mats)) if plan.owner[mid] == me
+            for pc in sources[mid] if pc.rank == src))
+        self.inward = self._route(send_in, recv_in, comm_dtype, device)
+        for pc, buf in _slices(send_in, self.inward.send):
+            self.inward.pack_dst.append(buf)
+            self.inward.pack_src.append(local_slice(pc))
+        for pc, buf in _slices(recv_in, self.inward.recv):
+            for dst, src in batch_segments(pc, buf):
+                self.inward.unpack_dst.append(dst)
+                self.inward.unpack_src.append(src)
+
+        # Out: every piece of every replica, owner -> holder.
+        send_out = _ordered(world, lambda dst: (
+            pc for mid in range(len(mats)) if plan.owner[mid] == me
+            for pc in layout.pieces[mid] if pc.rank == dst))
+        recv_out = _ordered(world, lambda src: (
+            pc for mid in range(len(mats)) if plan.owner[mid] == src
+            for pc in layout.pieces[mid] if pc.rank == me))
+        self.outward = self._route(send_out, recv_out, comm_dtype, device)
+        for pc, buf in _slices(send_out, self.outward.send):
+            for owner_view, value_view in batch_segments(pc, buf):
+                self.outward.pack_dst.append(value_view)
+                self.outward.pack_src.append(owner_view)
+        for pc, buf in _slices(recv_out, self.outward.recv):
+            self.outward.unpack_dst.append(local_slice(pc))
+            self.outward.unpack_src.append(buf)
+
+    def _route(self, send: list[list[Piece]], recv: list[list[Piece]], dtype: torch.dtype,
+               device: torch.device) -> _Route:
+        send_counts = [sum(pc.size for pc in per) for per in send]
+        recv_counts = [sum(pc.size for pc in per) for per in recv]
+        send_buf = torch.zeros(sum(send_counts), dtype=dtype, device=device)
+        if self.group is None:
+            return _Route(send_buf, send_buf, send_counts, recv_counts, None)
+        recv_buf = torch.zeros(sum(recv_counts), dtype=dtype, device=device)
+        return _Route(send_buf, recv_buf, send_counts, recv_counts, self.group)
+
+    def gather(self) -> list[torch.Tensor]:
+        """Pieces of ``local`` -> whole owned matrices; returns one ``[B, m, n]`` per batch."""
+        self.inward.run()
+        return self.batch_views
+
+    def scatter(self) -> None:
+        """Owned matrices (``batch_views``, overwritten with updates) -> ``local``."""
+        self.outward.run()
+
+    @property
+    def bytes_per_step(self) -> tuple[int, int]:
+        """(sent, received) bytes of this rank per step, both directions, self-copies excluded."""
+        item, me = self._batch_flat.element_size(), self.layout.rank
+        routes = (self.inward, self.outward)
+        sent = sum(c for rt in routes for r, c in enumerate(rt.send_counts) if r != me)
+        recv = sum(c for rt in routes for r, c in enumerate(rt.recv_counts) if r != me)
+        return sent * item, recv * item
+
+
+def _numel(size: tuple[int, ...]) -> int:
+    out = 1
+    for s in size:
+        out *= s
+    return out
+
+
+def _ordered(world: int, pieces_for) -> list[list[Piece]]:
+    """Per peer rank, its pieces in matrix order, then layout order."""
+    return [list(pieces_for(r)) for r in range(world)]
+
+
+def _slices(per_peer: list[list[Piece]], buf: torch.Tensor):
+    """Each piece with its slice of ``buf`` (peers in rank order, pieces back to back)."""
+    pos = 0
+    for pieces in per_peer:
+        for pc in pieces:
+            yield pc, buf.narrow(0, pos, pc.size)
+            pos += pc.size

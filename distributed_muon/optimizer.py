@@ -1,0 +1,381 @@
+"""`DistributedMuon`: Muon for matrices, AdamW for the rest, one NS per matrix per step.
+
+A step flows one way (DESIGN 2):
+
+    local momentum -> exchange in -> batched NS + shape scale on owners -> exchange out -> update
+
+Layout, ownership plan and exchange buffers are built once, at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from distributed_muon.exchange import Exchange
+from distributed_muon.layout import Sharding, ShardLayout
+from distributed_muon.options import (
+    MOMENTUM_FORMS,
+    DTypeLike,
+    check_choice,
+    check_range,
+    parse_dtype,
+)
+from distributed_muon.orthogonalize import orthogonalize, resolve_schedule
+from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
+from distributed_muon.plan import OwnershipPlan, ns_flops
+from distributed_muon.scale import SCALE_MODES, shape_scale
+
+log = logging.getLogger(__name__)
+
+# Options that decide how a matrix is orthogonalized: matrices batch together only if equal.
+_NS_OPTIONS = ("ns_schedule", "ns_steps", "ns_dtype", "eps", "scale")
+PHASES = ("momentum", "exchange_in", "ns", "exchange_out", "update")
+
+
+class DistributedMuon(Optimizer):
+    """Muon with AdamW for non-matrix parameters, distributed over a process group.
+
+    Muon parameters (ndim >= 2 unless a group says ``use_muon=False``; see
+    `distributed_muon.params`) get, per logical matrix ``m x n``:
+    ``W <- W (1 - lr wd) - lr s(m, n) NS(u)`` with ``u`` the (Nesterov) momentum of the
+    gradient. Each matrix is orthogonalized once per step on one owner rank. Everything else
+    gets AdamW with ``adamw_*`` options.
+
+    Args mirror ``torch.optim.Muon`` where it has them (``lr``, ``momentum``, ``nesterov``,
+    ``weight_decay``, ``eps``, ``ns_steps``; ``scale`` is its ``adjust_lr_fn``). Dtype options
+    accept ``torch.bfloat16``/``"bf16"``/``"bfloat16"`` and ``torch.float32``/``"fp32"``/
+    ``"float32"``. Group keys beyond the options: ``use_muon`` (True/False/None = auto),
+    ``row_blocks`` (split of a fused weight's rows) and ``matrix_view`` ("experts"/"flatten").
+
+    ``comm_dtype``, ``process_group``, ``sharding`` and ``plan`` are optimizer-wide:
+    ``sharding`` is a framework adapter (inferred from the parameters when None), ``plan`` the
+    owner strategy ("lpt" or "round_robin").
+
+    A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
+    untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
+    and a warning is logged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        momentum_form: str = "ema",
+        weight_decay: float = 0.0,
+        scale: str = "match_rms_adamw",
+        ns_schedule: str | list = "jordan",
+        ns_steps: int = 5,
+        ns_dtype: DTypeLike = torch.bfloat16,
+        eps: float = 1e-7,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        adamw_bias_correction: bool = True,
+        comm_dtype: DTypeLike = torch.bfloat16,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        sharding: Sharding | None = None,
+        plan: str = "lpt",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+            weight_decay=weight_decay, scale=scale, ns_schedule=ns_schedule, ns_steps=ns_steps,
+            ns_dtype=ns_dtype, eps=eps, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
+            adamw_bias_correction=adamw_bias_correction, use_muon=None, row_blocks=None,
+            matrix_view="experts",
+        )
+        self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
+        self._built = False
+        super().__init__(params, defaults)
+        if sharding is None:
+            from distributed_muon.integrations import infer_sharding
+
+            all_params = [p for g in self.param_groups for p in g["params"]]
+            sharding = infer_sharding(all_params, process_group)
+        self.sharding = sharding
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self.ns_matrices = 0  # matrices this rank has orthogonalized, over all steps
+        self.profile = False  # when True, `phase_seconds` gets the time of each phase
+        self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._setup(plan)
+        self._built = True
+
+    # ---------------------------------------------------------------- setup
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_built", False):
+            raise RuntimeError(
+                "DistributedMuon plans its layout at construction: build a new optimizer over "
+                "all parameter groups instead of calling add_param_group later"
+            )
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    def _setup(self, strategy: str) -> None:
+        muon: list[torch.Tensor] = []
+        specs: list[MatrixSpec] = []
+        keys: list[Hashable] = []
+        self._muon_group_of: list[int] = []
+        self._adamw: list[tuple[int, torch.Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names, strict=True):
+                label = name or f"parameter {tuple(p.shape)} of group {gi}"
+                use = group["use_muon"]
+                if use is None:
+                    use = default_use_muon(p, name)
+                if use:
+                    specs.append(MatrixSpec.of(p.shape, group["row_blocks"],
+                                               group["matrix_view"], label))
+                    keys.append(_ns_key(group))
+                    muon.append(p)
+                    self._muon_group_of.append(gi)
+                else:
+                    self._adamw.append((gi, p))
+        self._muon = muon
+        self._ns_keys = [_ns_key(g) for g in self.param_groups]
+        locals_ = [self.sharding.local(p) for p in muon]
+        devices = {t.device for t in locals_}
+        if len(devices) > 1:
+            raise ValueError(f"Muon parameters live on several devices {devices}: "
+                             "DistributedMuon needs them on one device per rank")
+        device = devices.pop() if devices else torch.device("cpu")
+        local_dtype = torch.float32
+        for t in locals_:
+            local_dtype = torch.promote_types(local_dtype, t.dtype)
+        regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
+        self.layout = ShardLayout.gather(
+            specs, keys, regions, [t.numel() for t in locals_], self.sharding.group
+        )
+        key_options = {k: dict(zip(_NS_OPTIONS, k, strict=True)) for k in keys}
+        costs = [ns_flops(m.m, m.n, key_options[m.key]["ns_steps"]) for m in self.layout.matrices]
+        self.plan = OwnershipPlan.build(self.layout, costs, strategy)
+        self.exchange = Exchange(
+            self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
+            local_dtype, self.comm_dtype,
+        )
+        self._batch_options = [key_options[b.key] for b in self.exchange.batches]
+
+    def plan_summary(self) -> str:
+        """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
+        return self.plan.summary(self.layout, self.comm_dtype.itemsize)
+
+    # ---------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            if _ns_key(group) != self._ns_keys[gi]:
+                raise RuntimeError(
+                    f"param group {gi} changed one of {_NS_OPTIONS} after construction: these "
+                    "decide the batching plan; build a new optimizer to change them"
+                )
+        grads = [self.sharding.local_grad(p) for p in self._muon]
+        adamw_grads = [self.sharding.local_grad(p) for _, p in self._adamw]
+        self.last_step_skipped = not self._all_finite(grads + adamw_grads)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            log.warning("DistributedMuon: non-finite gradient, step skipped on every rank "
+                        "(%d skipped so far)", self.skipped_steps)
+            return loss
+        clock = _PhaseClock(self.profile, self.phase_seconds, self.exchange.local.device)
+        self._momentum(grads)
+        clock.tick("momentum")
+        batches = self.exchange.gather()
+        clock.tick("exchange_in")
+        for batch, view, opts in zip(
+            self.exchange.batches, batches, self._batch_options, strict=True
+        ):
+            out = orthogonalize(view, opts["ns_schedule"], opts["ns_steps"], opts["ns_dtype"],
+                                opts["eps"])
+            view.copy_(out.mul_(shape_scale(opts["scale"], batch.m, batch.n)))
+            self.ns_matrices += len(batch.matrices)
+        clock.tick("ns")
+        self.exchange.scatter()
+        clock.tick("exchange_out")
+        self._apply_muon(grads)
+        self._adamw_step(adamw_grads)
+        clock.tick("update")
+        return loss
+
+    def _all_finite(self, grads: list[torch.Tensor | None]) -> bool:
+        present = [g for g in grads if g is not None and g.numel() > 0]
+        device = self.exchange.local.device
+        ok = torch.ones((), device=device)
+        if present:
+            norms = torch._foreach_norm(present)
+            ok = torch.isfinite(torch.stack([n.to(device) for n in norms])).all().float()
+        if self.sharding.group is not None:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.sharding.group)
+        return bool(ok.item())
+
+    def _momentum(self, grads: list[torch.Tensor | None]) -> None:
+        """Update momentum of Muon parameters with a gradient; write ``u`` to the exchange."""
+        views = self.exchange.local_views
+        missing = [views[i] for i, g in enumerate(grads) if g is None]
+        if missing:  # no gradient (an expert without tokens): send zeros, keep state
+            torch._foreach_zero_(missing)
+        for gi, idx in self._muon_by_group(grads):
+            group = self.param_groups[gi]
+            mu = group["momentum"]
+            g = [grads[i] for i in idx]
+            bufs = []
+            for i in idx:
+                state = self.state[self._muon[i]]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grads[i])
+                bufs.append(state["momentum_buffer"])
+            ema = group["momentum_form"] == "ema"
+            if ema:
+                torch._foreach_lerp_(bufs, g, 1 - mu)
+            else:
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, g)
+            if not group["nesterov"]:
+                u = bufs
+            elif ema:
+                u = torch._foreach_lerp(g, bufs, mu)
+            else:
+                u = torch._foreach_add(g, bufs, alpha=mu)
+            torch._foreach_copy_([views[i] for i in idx], u)
+
+    def _apply_muon(self, grads: list[torch.Tensor | None]) -> None:
+        views = self.exchange.local_views
+        for gi, idx in self._muon_by_group(grads):
+            group = self.param_groups[gi]
+            lr, wd = group["lr"], group["weight_decay"]
+            params = [self.sharding.local(self._muon[i]) for i in idx]
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, [views[i] for i in idx], alpha=-lr)
+
+    def _muon_by_group(self, grads: list[torch.Tensor | None]) -> list[tuple[int, list[int]]]:
+        """Indices of Muon parameters that have a gradient, per param group."""
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(grads):
+            if g is not None:
+                by_group.setdefault(self._muon_group_of[i], []).append(i)
+        return list(by_group.items())
+
+    def _adamw_step(self, grads: list[torch.Tensor | None]) -> None:
+        by_group: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (gi, p), g in zip(self._adamw, grads, strict=True):
+            if g is not None:
+                by_group.setdefault(gi, []).append((p, g))
+        for gi, pairs in by_group.items():
+            group = self.param_groups[gi]
+            lr = _adamw_lr(group)
+            wd = group["weight_decay"] if group["adamw_weight_decay"] is None \
+                else group["adamw_weight_decay"]
+            beta1, beta2 = group["adamw_betas"]
+            params, g = [self.sharding.local(p) for p, _ in pairs], [gr for _, gr in pairs]
+            m, v, steps = [], [], []
+            for p, gr in pairs:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(gr)
+                    state["exp_avg_sq"] = torch.zeros_like(gr)
+                state["step"] += 1
+                m.append(state["exp_avg"])
+                v.append(state["exp_avg_sq"])
+                steps.append(state["step"].item())
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            if group["adamw_bias_correction"]:
+                torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+                step_sizes = [-lr / (1 - beta1**t) for t in steps]
+            else:
+                step_sizes = [-lr] * len(steps)
+            torch._foreach_add_(denom, group["adamw_eps"])
+            torch._foreach_addcdiv_(params, m, denom, step_sizes)
+
+
+def _adamw_lr(group: dict[str, Any]) -> float:
+    """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``."""
+    if group["adamw_lr"] is None:
+        return group["lr"]
+    initial = group.get("initial_lr")  # set by torch.optim.lr_scheduler
+    return group["adamw_lr"] * (group["lr"] / initial if initial else 1.0)
+
+
+def _ns_key(group: dict[str, Any]) -> tuple:
+    schedule = group["ns_schedule"]
+    if not isinstance(schedule, str):
+        schedule = tuple(tuple(float(x) for x in c) for c in schedule)
+    return (schedule, group["ns_steps"], group["ns_dtype"], group["eps"], group["scale"])
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Check and normalize one param group's options; every error names the fix."""
+    if "comm_dtype" in group:
+        raise ValueError("comm_dtype is optimizer-wide: pass it to DistributedMuon, not a group")
+    check_range("lr", group["lr"], 0.0)
+    check_range("momentum", group["momentum"], 0.0, 1.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
+    check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
+    check_choice("scale", group["scale"], SCALE_MODES)
+    resolve_schedule(group["ns_schedule"])
+    steps = group["ns_steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
+        raise ValueError(f"ns_steps={steps!r} is not valid: must be an integer in [1, 100]")
+    group["ns_dtype"] = parse_dtype(group["ns_dtype"], "ns_dtype")
+    check_range("eps", group["eps"], 0.0)
+    if group["adamw_lr"] is not None:
+        check_range("adamw_lr", group["adamw_lr"], 0.0)
+    if group["adamw_weight_decay"] is not None:
+        check_range("adamw_weight_decay", group["adamw_weight_decay"], 0.0)
+    betas = group["adamw_betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"adamw_betas={betas!r} is not valid: must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        check_range(f"adamw_betas[{i}]", b, 0.0, 1.0)
+    group["adamw_betas"] = tuple(float(b) for b in betas)
+    if not 0.0 < group["adamw_eps"]:
+        raise ValueError(f"adamw_eps={group['adamw_eps']!r} is not valid: must be > 0")
+    for flag in ("nesterov", "adamw_bias_correction"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"{flag}={group[flag]!r} is not valid: must be true or false")
+    if group["use_muon"] not in (True, False, None):
+        raise ValueError(f"use_muon={group['use_muon']!r} is not valid: use true, false or none")
+    check_choice("matrix_view", group["matrix_view"], MATRIX_VIEWS)
+
+
+class _PhaseClock:
+    """Adds wall time per phase to ``into`` when enabled (synchronizing CUDA to be honest)."""
+
+    def __init__(self, enabled: bool, into: dict[str, float], device: torch.device) -> None:
+        self.enabled, self.into, self.device = enabled, into, device
+        self.last = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def tick(self, phase: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.into[phase] += now - self.last
+            self.last = now

@@ -1,0 +1,142 @@
+"""Newton-Schulz orthogonalization: the one piece of Muon math that needs whole matrices.
+
+`orthogonalize(X)` maps each matrix `X[..., m, n]` to an approximation of its polar factor
+`U V^T` (for `X = U S V^T`). The iteration is a fixed odd polynomial applied to the singular
+values, so every singular value `sigma` of the Frobenius-normalized input goes through the same
+scalar map `p_k(...p_2(p_1(sigma)))`; `schedule_band` evaluates that map to say where the output
+singular values land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distributed_muon.options import DTypeLike, parse_dtype
+
+Coefficients = tuple[float, float, float]
+
+# Keller Jordan's quintic, used for every step.
+JORDAN: tuple[Coefficients, ...] = ((3.4445, -4.7750, 2.0315),)
+
+# Amsel, Persson, Musco, Gower, "The Polar Express" (arXiv 2505.16932), degree 5, lower bound
+# 1e-3. Every polynomial but the last is shrunk by the paper's safety factor 1.01 (a/1.01,
+# b/1.01^3, c/1.01^5) for bf16 stability; the last one is the converged map, repeated.
+_PE_RAW: tuple[Coefficients, ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+)
+POLAR_EXPRESS: tuple[Coefficients, ...] = tuple(
+    (a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PE_RAW
+) + ((1.875, -1.25, 0.375),)
+
+SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
+    "jordan": JORDAN,
+    "polar_express": POLAR_EXPRESS,
+}
+
+Schedule = str | Sequence[Sequence[float]]
+
+
+def resolve_schedule(schedule: Schedule) -> tuple[Coefficients, ...] | None:
+    """Coefficient list of a schedule name or custom list; None for ``"svd"``.
+
+    Step ``k`` (0-based) uses entry ``min(k, len - 1)``, so a one-entry list is a fixed
+    polynomial and a longer list ends on the polynomial it repeats.
+    """
+    if isinstance(schedule, str):
+        if schedule == "svd":
+            return None
+        if schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown ns_schedule {schedule!r}: use one of "
+                f"{sorted([*SCHEDULES, 'svd'])} or a list of (a, b, c) coefficients"
+            )
+        return SCHEDULES[schedule]
+    coeffs = tuple(tuple(float(v) for v in c) for c in schedule)
+    if not coeffs or any(len(c) != 3 for c in coeffs):
+        raise ValueError(
+            f"a custom ns_schedule must be a non-empty list of (a, b, c) triples, got {schedule!r}"
+        )
+    return coeffs  # type: ignore[return-value]
+
+
+def _step_coefficients(coeffs: tuple[Coefficients, ...], steps: int) -> list[Coefficients]:
+    return [coeffs[min(k, len(coeffs) - 1)] for k in range(steps)]
+
+
+def orthogonalize(
+    X: torch.Tensor,
+    schedule: Schedule = "jordan",
+    steps: int = 5,
+    dtype: DTypeLike = torch.bfloat16,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Approximate polar factor of every matrix in ``X[..., m, n]``.
+
+    Newton-Schulz: ``X <- X / (||X||_F + eps)`` (transposed when ``m > n`` so the Gram matrix is
+    the small side), then per step ``A = X X^T; X = a X + (b A + c A A) X``, computed in
+    ``dtype``. ``schedule="svd"`` returns the exact ``U V^T`` instead, in float32 (float64 for
+    float64 input) whatever ``dtype`` says; singular directions with zero singular value map to
+    zero, so a zero matrix gives zeros under every schedule.
+
+    Returns a tensor of ``X``'s shape in the compute dtype (``dtype``, or the SVD dtype).
+    """
+    if X.ndim < 2:
+        raise ValueError(f"orthogonalize needs [..., m, n], got shape {tuple(X.shape)}")
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    coeffs = resolve_schedule(schedule)
+    if coeffs is None:
+        return _polar_factor_svd(X)
+    dtype = parse_dtype(dtype, "ns_dtype")
+    m, n = X.shape[-2:]
+    batch = X.reshape(-1, m, n)
+    if m > n:
+        batch = batch.mT
+    norm = torch.linalg.matrix_norm(batch.float(), keepdim=True)
+    Y = (batch.float() / (norm + eps)).to(dtype)
+    for a, b, c in _step_coefficients(coeffs, steps):
+        A = torch.bmm(Y, Y.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        Y = torch.baddbmm(Y, B, Y, beta=a)
+    if m > n:
+        Y = Y.mT
+    return Y.reshape(X.shape)
+
+
+def _polar_factor_svd(X: torch.Tensor) -> torch.Tensor:
+    work = torch.float64 if X.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(X.to(work), full_matrices=False)
+    # Singular values at rounding level carry no direction: treat them as zero, as pinv does.
+    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
+    keep = (S > tol).to(work)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def schedule_band(
+    schedule: Schedule, steps: int, lower: float, upper: float = 1.0, points: int = 20001
+) -> tuple[float, float]:
+    """Range ``(min, max)`` of the scalar NS map over singular values in ``[lower, upper]``.
+
+    ``lower``/``upper`` are singular values of the Frobenius-normalized input (so
+    ``upper <= 1``). Computed in float64 on a log-spaced grid; this is the band the output
+    singular values of `orthogonalize` fall in, before rounding in the compute dtype.
+    """
+    coeffs = resolve_schedule(schedule)
+    if coeffs is None:
+        return (1.0, 1.0)
+    s = torch.logspace(
+        torch.log10(torch.tensor(lower)), torch.log10(torch.tensor(upper)), points,
+        dtype=torch.float64,
+    )
+    for a, b, c in _step_coefficients(coeffs, steps):
+        s2 = s * s
+        s = s * (a + s2 * (b + c * s2))
+    return (float(s.min()), float(s.max()))

@@ -1,0 +1,23 @@
+"""Framework adapters: each turns one framework's sharding into a `Sharding` for the core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from distributed_muon.layout import Sharding
+from distributed_muon.integrations.replicated import ReplicatedSharding
+
+
+def infer_sharding(
+    params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None = None
+) -> Sharding:
+    """The adapter for these parameters: plain tensors are replicated over ``process_group``
+    (default: the world, when torch.distributed is initialized with more than one rank)."""
+    if process_group is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    if process_group is not None and dist.get_world_size(process_group) == 1:
+        process_group = None
+    return ReplicatedSharding(process_group)

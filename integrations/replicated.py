@@ -1,0 +1,34 @@
+"""Replicated parameters (DDP, or plain tensors identical on every rank of a group).
+
+Each rank holds every parameter whole: one region per rank covering it, as its own replica.
+The owner of a matrix computes from its own copy (no inbound traffic) and sends the update to
+every other rank (like an all-gather of updates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from distributed_muon.layout import Region
+from distributed_muon.params import MatrixSpec
+
+
+class ReplicatedSharding:
+    """Every rank of ``group`` holds a full copy of each parameter (``group=None``: one rank).
+
+    The gradients must already be averaged over the group, as DDP does.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        return param
+
+    def local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        return param.grad
+
+    def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
+        return [Region.flat(self.rank, self.rank, spec, 0, param.numel())]

@@ -1,0 +1,1 @@
+"""Entry points and job templates: torchrun, deepspeed, Megatron, SLURM."""

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from distributed_muon import __version__
+from distributed_muon.cli import main
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_demo_prints_a_table(capsys):
+    assert main(["demo", "--steps", "30", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:5] in
+            ("muon ", "adamw", "sgd  ")}
+    assert set(rows) == {"muon", "adamw", "sgd"}
+    assert all(float(r[-1]) > 0 for r in rows.values())
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "distributed_muon.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "usage: dmuon" in out

@@ -114,7 +114,7 @@ class Exchange:
         def local_slice(pc: Piece) -> torch.Tensor:
             return self.local.narrow(0, param_base[pc.param] + pc.offset, pc.size)
 
-        def batch_segments(pc: Piece, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def batch_segments(pc: Piece, flat: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
             """(view of the owner's matrix, view of ``flat`` holding the piece's values)."""
             n = mats[pc.matrix].n
             return [

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations.replicated import ReplicatedSharding
 
 from distributed_muon.layout import Sharding
-from distributed_muon.integrations.replicated import ReplicatedSharding
 
 
 def infer_sharding(

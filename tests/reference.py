@@ -57,7 +57,8 @@ class ReferenceMuon:
                  row_blocks=None, ns_dtype=torch.float32):
         self.params = params
         self.lr, self.mu, self.nesterov, self.form = lr, momentum, nesterov, momentum_form
-        self.wd, self.scale, self.coeffs, self.steps, self.eps = weight_decay, scale, coeffs, steps, eps
+        self.wd, self.scale, self.eps = weight_decay, scale, eps
+        self.coeffs, self.steps = coeffs, steps
         self.row_blocks = row_blocks or {}
         self.ns_dtype = ns_dtype
         self.bufs = [torch.zeros_like(p) for p in params]

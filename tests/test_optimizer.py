@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from reference import ReferenceMuon
 
 from distributed_muon import DistributedMuon
-from reference import ReferenceMuon
 
 SHAPES = [(32, 64), (64, 32), (48, 48), (8, 200)]
 

@@ -36,6 +36,19 @@ class Region:
     stop: int
     offset: int = 0
 
+    def intervals(self, cols: int) -> list[tuple[int, int, int]]:
+        """``(global flat start, length, local offset)`` runs of the parameter's row-major
+        storage that this region holds (``cols``: width of the ``[rows, cols]`` view)."""
+        whole = Piece(0, self.rank, self.replica, 0, self.row0, self.row1, self.col0, self.col1,
+                      self.start, self.stop, self.offset)
+        runs = []
+        for seg in whole.segments(cols):
+            rows, width = (1, seg.size[0]) if len(seg.size) == 1 else seg.size
+            for r in range(rows):
+                runs.append((seg.matrix_offset + r * cols, width,
+                             self.offset + seg.value_offset + r * width))
+        return runs
+
     @classmethod
     def flat(cls, rank: int, replica: int, spec: MatrixSpec, start: int, stop: int) -> Region:
         """A flat range ``[start, stop)`` of the whole parameter, stored from offset 0."""

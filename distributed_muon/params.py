@@ -61,6 +61,15 @@ class MatrixSpec:
             )
         return cls(shape, experts, rows, cols, blocks)
 
+    @classmethod
+    def storage(cls, shape: Sequence[int]) -> MatrixSpec:
+        """Any parameter as ``(shape[0], -1)`` (1 x 1 for a scalar): how a non-Muon parameter's
+        regions are described, for checkpoints."""
+        shape = tuple(int(s) for s in shape)
+        rows = shape[0] if shape else 1
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        return cls(shape, 1, rows, cols, (rows,))
+
     def matrices(self) -> list[tuple[int, int, int]]:
         """``(first row in the [E*m, n] view, m, n)`` of every logical matrix, in order."""
         out = []

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
@@ -84,12 +85,16 @@ def state_dict(opt: DistributedMuon) -> dict[str, Any]:
             flat = value.reshape(-1)
             for offset, length, local in runs:
                 out[f"{_PREFIX}{name}/{key}@{offset}"] = flat.narrow(0, local, length)
-    out[_META] = {
+    meta = {
         "format": _FORMAT,
         "params": params_meta,
         "param_groups": _group_options(opt),
         "skipped_steps": opt.skipped_steps,
     }
+    # One opaque bytes entry (DCP would flatten a dict into many); read back weights_only.
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    out[_META] = buf.getvalue()
     return out
 
 
@@ -98,7 +103,8 @@ def save(opt: DistributedMuon, checkpoint_id: str, extra: Mapping[str, Any] | No
     the optimizer's process group."""
     payload = dict(extra or {})
     payload.update(state_dict(opt))
-    dcp.save(payload, checkpoint_id=checkpoint_id, process_group=opt.sharding.group)
+    dcp.save(payload, checkpoint_id=checkpoint_id, process_group=opt.sharding.group,
+             no_dist=_no_dist(opt))
 
 
 def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None = None) -> None:
@@ -108,21 +114,23 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     if _META not in metadata:
         raise ValueError(f"{checkpoint_id} holds no DistributedMuon state (no {_META!r} entry)")
-    head: dict[str, Any] = {_META: {}}
+    head: dict[str, Any] = {_META: b""}
     dcp.load(head, checkpoint_id=checkpoint_id, process_group=group,
-             planner=_WeightsOnlyLoadPlanner())
-    meta = head[_META]
+             planner=_WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
+    meta = torch.load(io.BytesIO(head[_META]), weights_only=True)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{checkpoint_id}: unknown DistributedMuon checkpoint format "
                          f"{meta.get('format')!r}")
     entries = _entries(opt)
     _check_same_model(checkpoint_id, meta["params"], entries)
-    for gi, (group, saved) in enumerate(zip(opt.param_groups, meta["param_groups"], strict=True)):
+    for gi, (options, saved) in enumerate(
+        zip(opt.param_groups, meta["param_groups"], strict=True)
+    ):
         for key in _STRUCTURE:
-            if group[key] != saved[key]:
+            if options[key] != saved[key]:
                 raise ValueError(
                     f"{checkpoint_id} was saved with {key}={saved[key]!r} in param group {gi}, "
-                    f"this optimizer has {group[key]!r}: build it with the checkpoint's options"
+                    f"this optimizer has {options[key]!r}: build it with the checkpoint's options"
                 )
 
     saved_runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
@@ -160,7 +168,7 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
                     fills.append((flat, loc + lo - offset, skey, lo - s_off, hi - lo))
         new_state[p] = state
     dcp.load(request, checkpoint_id=checkpoint_id, process_group=group,
-             planner=_WeightsOnlyLoadPlanner())
+             planner=_WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
     for flat, loc, skey, start, length in fills:
         flat.narrow(0, loc, length).copy_(request[skey].narrow(0, start, length))
     if extra is not None:
@@ -171,9 +179,13 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
     opt.state.clear()
     for p, state in new_state.items():
         opt.state[p] = state
-    for group, saved in zip(opt.param_groups, meta["param_groups"], strict=True):
-        group.update(saved)
+    for options, saved in zip(opt.param_groups, meta["param_groups"], strict=True):
+        options.update(saved)
     opt.skipped_steps = meta["skipped_steps"]
+
+
+def _no_dist(opt: DistributedMuon) -> bool:
+    return opt.sharding.group is None and not dist.is_initialized()
 
 
 def _check_same_model(checkpoint_id: str, saved: dict[str, Any], entries: list) -> None:

@@ -32,6 +32,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from distributed_muon.bench import BenchConfig, run
+
+    run(BenchConfig(**{k: v for k, v in vars(args).items() if k not in ("func", "command")}))
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     import torch
 
@@ -49,6 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                       help="problem seeds (default 0 1 2)")
     demo.set_defaults(func=_demo)
+    from distributed_muon.bench import DEFAULT_SHAPES
+
+    bench = sub.add_parser(
+        "bench", help="time the optimizer step by phase on N ranks",
+        description="Time DistributedMuon's step (momentum / exchange in / NS / exchange out / "
+        "update) on N local ranks, or on the job's ranks under torchrun/srun.")
+    bench.add_argument("--shapes", default=DEFAULT_SHAPES,
+                       help="matrices of one layer, [out]x[in] or ExMxN, comma-separated "
+                       f"(default {DEFAULT_SHAPES}: a d=2048 transformer layer)")
+    bench.add_argument("--layers", type=int, default=16, help="repeat the shapes (default 16)")
+    bench.add_argument("--nproc", type=int, default=1, help="local ranks to start (default 1)")
+    bench.add_argument("--layout", choices=["fsdp2", "replicated"], default="fsdp2")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench.add_argument("--ns-dtype", default="bf16")
+    bench.add_argument("--comm-dtype", default="bf16")
+    bench.add_argument("--plan", choices=["lpt", "round_robin"], default="lpt")
+    bench.add_argument("--json", help="also write the results as JSON to this file")
+    bench.set_defaults(func=_bench)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed_muon.integrations.fsdp2 import _chunk
+
 from distributed_muon.layout import LayoutError, Piece, Region, ShardLayout
 from distributed_muon.params import MatrixSpec
 from distributed_muon.plan import OwnershipPlan, ns_flops

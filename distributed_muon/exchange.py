@@ -12,6 +12,7 @@ Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dty
   here after `scatter`.
 - ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`.
 - send/receive buffers of the two all-to-alls, ordered by peer rank, then matrix, then piece.
+  Pieces a rank keeps for itself are copied directly between ``local`` and ``batch``.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ class _Route:
         self.pack_src: list[torch.Tensor] = []
         self.unpack_dst: list[torch.Tensor] = []
         self.unpack_src: list[torch.Tensor] = []
+        # Pieces that stay on this rank skip the buffers: one copy instead of two.
+        self.direct_dst: list[torch.Tensor] = []
+        self.direct_src: list[torch.Tensor] = []
 
     def run(self) -> None:
         if self.pack_dst:
             torch._foreach_copy_(self.pack_dst, self.pack_src)
+        if self.direct_dst:
+            torch._foreach_copy_(self.direct_dst, self.direct_src)
         if self.group is not None:
             dist.all_to_all_single(
                 self.recv, self.send, self.recv_counts, self.send_counts, group=self.group
@@ -137,7 +143,13 @@ class Exchange:
         recv_in = _ordered(world, lambda src: (
             pc for mid in range(len(mats)) if plan.owner[mid] == me
             for pc in sources[mid] if pc.rank == src))
+        own_in = send_in[me]
+        send_in[me], recv_in[me] = [], []
         self.inward = self._route(send_in, recv_in, comm_dtype, device)
+        for pc in own_in:
+            for dst, src in batch_segments(pc, local_slice(pc)):
+                self.inward.direct_dst.append(dst)
+                self.inward.direct_src.append(src)
         for pc, buf in _slices(send_in, self.inward.send):
             self.inward.pack_dst.append(buf)
             self.inward.pack_src.append(local_slice(pc))
@@ -153,7 +165,13 @@ class Exchange:
         recv_out = _ordered(world, lambda src: (
             pc for mid in range(len(mats)) if plan.owner[mid] == src
             for pc in layout.pieces[mid] if pc.rank == me))
+        own_out = send_out[me]
+        send_out[me], recv_out[me] = [], []
         self.outward = self._route(send_out, recv_out, comm_dtype, device)
+        for pc in own_out:
+            for owner_view, local_view in batch_segments(pc, local_slice(pc)):
+                self.outward.direct_dst.append(local_view)
+                self.outward.direct_src.append(owner_view)
         for pc, buf in _slices(send_out, self.outward.send):
             for owner_view, value_view in batch_segments(pc, buf):
                 self.outward.pack_dst.append(value_view)
@@ -183,11 +201,11 @@ class Exchange:
 
     @property
     def bytes_per_step(self) -> tuple[int, int]:
-        """(sent, received) bytes of this rank per step, both directions, self-copies excluded."""
-        item, me = self._batch_flat.element_size(), self.layout.rank
+        """(sent, received) bytes of this rank per step, both directions."""
+        item = self._batch_flat.element_size()
         routes = (self.inward, self.outward)
-        sent = sum(c for rt in routes for r, c in enumerate(rt.send_counts) if r != me)
-        recv = sum(c for rt in routes for r, c in enumerate(rt.recv_counts) if r != me)
+        sent = sum(sum(rt.send_counts) for rt in routes)
+        recv = sum(sum(rt.recv_counts) for rt in routes)
         return sent * item, recv * item
 
 

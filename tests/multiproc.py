@@ -16,12 +16,14 @@ import traceback
 import torch
 
 
-def _entry(fn, rank, world, init_file, args, conn):
+def _entry(fn, rank, world, init_file, args, conn, backend):
     try:
         torch.set_num_threads(1)
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
         try:
             result = fn(rank, world, *args)
@@ -36,8 +38,9 @@ def _entry(fn, rank, world, init_file, args, conn):
         conn.close()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
-    """``[fn(rank, world, *args) for rank in range(world)]``, each in its own process."""
+def run_ranks(world: int, fn, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+    """``[fn(rank, world, *args) for rank in range(world)]``, each in its own process
+    (``backend="nccl"``: rank r on GPU r)."""
     ctx = mp.get_context("spawn")
     fd, init_file = tempfile.mkstemp(prefix="dmuon-pg-")
     os.close(fd)
@@ -46,7 +49,8 @@ def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
     try:
         for rank in range(world):
             parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_entry, args=(fn, rank, world, init_file, args, child))
+            proc = ctx.Process(target=_entry, args=(fn, rank, world, init_file, args, child,
+                                                       backend))
             proc.start()
             child.close()
             procs.append(proc)

@@ -121,7 +121,7 @@ def _train_worker(rank, world, layout, poison_rank=None):
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+    return float((a - b).detach().norm() / b.detach().norm().clamp(min=1e-30))
 
 
 def single_process(params, grads, precision="fp32"):

@@ -37,7 +37,7 @@ _FORMAT = 1
 _STRUCTURE = (*_NS_OPTIONS, "use_muon", "row_blocks", "matrix_view")
 
 
-class _WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
     """DCP's default planner unpickles non-tensor entries with ``weights_only=False``; this one
     refuses anything but plain data."""
 
@@ -116,7 +116,7 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
         raise ValueError(f"{checkpoint_id} holds no DistributedMuon state (no {_META!r} entry)")
     head: dict[str, Any] = {_META: b""}
     dcp.load(head, checkpoint_id=checkpoint_id, process_group=group,
-             planner=_WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
+             planner=WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
     meta = torch.load(io.BytesIO(head[_META]), weights_only=True)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{checkpoint_id}: unknown DistributedMuon checkpoint format "
@@ -168,7 +168,7 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
                     fills.append((flat, loc + lo - offset, skey, lo - s_off, hi - lo))
         new_state[p] = state
     dcp.load(request, checkpoint_id=checkpoint_id, process_group=group,
-             planner=_WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
+             planner=WeightsOnlyLoadPlanner(), no_dist=_no_dist(opt))
     for flat, loc, skey, start, length in fills:
         flat.narrow(0, loc, length).copy_(request[skey].narrow(0, start, length))
     if extra is not None:

@@ -39,6 +39,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from distributed_muon.launch.train import TrainConfig, main
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    try:
+        cfg = TrainConfig(**options)
+        cfg.validate()
+    except ValueError as err:
+        print(f"dmuon train: {err}", file=sys.stderr)
+        return 2
+    main(cfg)
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     import torch
 
@@ -76,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plan", choices=["lpt", "round_robin"], default="lpt")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     bench.set_defaults(func=_bench)
+    train = sub.add_parser(
+        "train", help="pretrain a small MoE language model (the main job)",
+        description="Pretrain a small GPT-style MoE on the Python standard library's sources "
+        "(no download), on N local ranks or the ranks of a torchrun/srun job.")
+    train.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    train.add_argument("--nproc", type=int, default=2, help="local ranks to start (default 2)")
+    train.add_argument("--out", default="runs/train", help="output directory")
+    train.add_argument("--backend", default="fsdp2", help="fsdp2 | ddp | deepspeed")
+    train.add_argument("--optimizer", default="muon", help="muon | adamw")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--compare", action="store_true",
+                       help="train Muon and AdamW on the same data order and plot both")
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: per optimizer)")
+    train.add_argument("--batch", type=int, default=16, help="global sequences per step")
+    train.add_argument("--eval-every", type=int, default=50)
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.set_defaults(func=_train)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

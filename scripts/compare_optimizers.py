@@ -1,0 +1,65 @@
+"""Muon vs AdamW on `dmuon train`'s default job: one lr sweep for both, then 3 seeds.
+
+Usage (the numbers in docs/train.md come from exactly this):
+
+    .venv/bin/python scripts/compare_optimizers.py --out runs/compare
+
+1. Sweep: seed 0, default budget, lr in {1e-3, 3e-3, 1e-2, 3e-2} for each optimizer.
+2. Seeds 0, 1, 2 at each optimizer's best lr from the sweep (seed 0 reuses the sweep run).
+Writes ``<out>/results.json`` and prints both tables. Runs are resumable: a finished run
+(its summary.json exists) is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+SEEDS = (0, 1, 2)
+
+
+def run(out: Path, optimizer: str, lr: float, seed: int, extra: list[str]) -> dict:
+    d = out / f"{optimizer}_lr{lr:g}_seed{seed}"
+    summary = d / "summary.json"
+    if not summary.exists():
+        cmd = [sys.executable, "-m", "distributed_muon.cli", "train", "--optimizer", optimizer,
+               "--lr", str(lr), "--seed", str(seed), "--out", str(d), *extra]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(summary.read_text())
+    print(f"  {optimizer} lr {lr:g} seed {seed}: val {result['val_loss']:.4f}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("extra", nargs="*", help="extra `dmuon train` flags, after --")
+    args = parser.parse_args()
+    out = Path(args.out)
+    sweep = {opt: {lr: run(out, opt, lr, 0, args.extra) for lr in GRID}
+             for opt in ("muon", "adamw")}
+    best = {opt: min(GRID, key=lambda lr: sweep[opt][lr]["val_loss"]) for opt in sweep}
+    seeds = {opt: {s: (sweep[opt][best[opt]] if s == 0 else run(out, opt, best[opt], s,
+                                                                 args.extra))
+                   for s in SEEDS} for opt in sweep}
+    print("\nlr sweep, seed 0, validation loss (nats/byte):")
+    print(f"{'lr':>8}" + "".join(f"{opt:>10}" for opt in sweep))
+    for lr in GRID:
+        print(f"{lr:>8g}" + "".join(f"{sweep[o][lr]['val_loss']:>10.4f}" for o in sweep))
+    print("\nbest lr per optimizer, 3 seeds, validation loss:")
+    print(f"{'seed':>6}" + "".join(f"{o + ' @' + format(best[o], 'g'):>16}" for o in sweep))
+    for s in SEEDS:
+        print(f"{s:>6}" + "".join(f"{seeds[o][s]['val_loss']:>16.4f}" for o in sweep))
+    (out / "results.json").write_text(json.dumps(
+        {"grid": GRID, "best": best,
+         "sweep": {o: {str(lr): r for lr, r in v.items()} for o, v in sweep.items()},
+         "seeds": {o: {str(s): r for s, r in v.items()} for o, v in seeds.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slurm(args: argparse.Namespace) -> int:
+    from distributed_muon.launch.slurm import SlurmConfig, render
+
+    style = args.launcher if args.backend in ("fsdp2", "ddp") else args.backend
+    train_args = list(args.train_args)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    if args.backend in ("fsdp2", "ddp"):
+        train_args = ["--backend", args.backend, *train_args]
+    cfg = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      tasks_per_node=args.tasks_per_node, style=style, job_name=args.job_name,
+                      partition=args.partition, time=args.time, port=args.port,
+                      python=args.python, train_args=train_args)
+    try:
+        text = render(cfg)
+    except ValueError as err:
+        print(f"dmuon slurm: {err}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}: submit with  sbatch {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     import torch
 
@@ -109,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int, default=50)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.set_defaults(func=_train)
+    slurm = sub.add_parser(
+        "slurm", help="render an sbatch script for a multi-node `dmuon train` job",
+        description="Render an sbatch script. Arguments after `--` go to `dmuon train`.")
+    slurm.add_argument("--nodes", type=int, default=2)
+    slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes")
+    slurm.add_argument("--tasks-per-node", type=int,
+                       help="ranks per node (default: one per GPU, 1 without GPUs)")
+    slurm.add_argument("--backend", choices=["fsdp2", "ddp", "deepspeed", "megatron"],
+                       default="fsdp2")
+    slurm.add_argument("--launcher", choices=["torchrun", "srun"], default="torchrun",
+                       help="for fsdp2/ddp: torchrun per node, or one srun task per rank")
+    slurm.add_argument("--job-name", default="dmuon-train")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", default="01:00:00")
+    slurm.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    slurm.add_argument("--python", default="python3", help="interpreter on the nodes")
+    slurm.add_argument("--output", "-o", help="write the script here instead of stdout")
+    slurm.add_argument("train_args", nargs=argparse.REMAINDER, help="-- dmuon train flags")
+    slurm.set_defaults(func=_slurm)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

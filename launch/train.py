@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from distributed_muon.launch.corpus import batch, load_corpus
+from distributed_muon.launch.local import init_process_group_from_env, launched_externally, spawn
+from distributed_muon.launch.tiny_moe import ModelConfig, TinyMoE
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -33,9 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distributed_muon import DistributedMuon, checkpoint, muon_param_groups
-from distributed_muon.launch.corpus import batch, load_corpus
-from distributed_muon.launch.local import init_process_group_from_env, launched_externally, spawn
-from distributed_muon.launch.tiny_moe import ModelConfig, TinyMoE
 
 BACKENDS = ("fsdp2", "ddp", "deepspeed")
 OPTIMIZERS = ("muon", "adamw")

@@ -1,0 +1,112 @@
+"""`dmuon train` end to end on CPU ranks: outputs, errors, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed_muon.launch.train import TrainConfig
+
+CLI = [sys.executable, "-m", "distributed_muon.cli", "train"]
+
+
+def train(out: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, "--out", str(out), "--device", "cpu", *flags],
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    proc = train(out, "--steps", "12", "--eval-every", "6", "--backend", "ddp")
+    assert "train loss" in proc.stdout and "val loss" in proc.stdout  # the final table
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 16 * 64 and summary["world"] == 2
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert json.loads((out / "ranks.json").read_text())["world"] == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--backend", "megatron"], "--backend"),
+    (["--backend", "deepspeed"], "deepspeed is not available yet"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--steps", "0"], "must be positive"),
+])
+def test_bad_flags_are_refused_before_training(tmp_path, flags, message):
+    proc = train(tmp_path / "x", *flags, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    proc = train(tmp_path / "none", "--steps", "4", "--resume", check=False)
+    assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """Child processes of ``parent`` that are training ranks (not multiprocessing helpers)."""
+    pids = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmd:
+            pids.append(int(child))
+    return pids
+
+
+def test_kill_one_rank_and_resume_continues_the_same_curve(tmp_path):
+    steps = ["--steps", "32", "--save-every", "8", "--eval-every", "8"]
+    reference = tmp_path / "straight"
+    train(reference, *steps)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, "--out", str(out), "--device", "cpu", *steps],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = out / "ckpt" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_0000016":
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(_rank_pids(proc.pid)[-1], signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    # A checkpoint interrupted while writing would be a leftover *.tmp; `latest` never names one.
+    assert not latest.read_text().strip().endswith(".tmp")
+
+    resumed = train(out, *steps, "--resume")
+    assert "resumed at step" in resumed.stdout
+    got, want = metrics(out), metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, 33))  # nothing skipped or repeated
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a.get("val_loss") == pytest.approx(b.get("val_loss"), abs=1e-6)
+
+
+def test_compare_plots_both(tmp_path):
+    out = tmp_path / "cmp"
+    proc = train(out, "--steps", "6", "--eval-every", "3", "--compare")
+    assert "muon" in proc.stdout and "adamw" in proc.stdout
+    assert (out / "compare.png").stat().st_size > 10_000
+    for name in ("muon", "adamw"):
+        assert json.loads((out / name / "summary.json").read_text())["steps"] == 6
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--save-every"):
+        TrainConfig(save_every=-1).validate()

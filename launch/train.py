@@ -398,9 +398,10 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
         color = f"C{i}"
         steps = [r["step"] for r in records]
         ax.plot(steps, [r["loss"] for r in records], color=color, alpha=0.35, lw=0.8)
-        vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        if vals:
-            ax.plot(*zip(*vals), "o-", color=color, label=f"{name} validation")
+        val_steps = [r["step"] for r in records if "val_loss" in r]
+        if val_steps:
+            ax.plot(val_steps, [r["val_loss"] for r in records if "val_loss" in r], "o-",
+                    color=color, label=f"{name} validation")
         ax.plot([], [], color=color, alpha=0.35, label=f"{name} train")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")

@@ -132,17 +132,23 @@ class Exchange:
                 for seg in pc.segments(n)
             ]
 
-        # In: pieces of each matrix's source replica, holder -> owner.
-        sources = [
-            [pc for pc in layout.pieces[mid] if pc.replica == plan.source[mid]]
-            for mid in range(len(mats))
-        ]
-        send_in = _ordered(world, lambda dst: (
-            pc for mid in range(len(mats)) if plan.owner[mid] == dst
-            for pc in sources[mid] if pc.rank == me))
-        recv_in = _ordered(world, lambda src: (
-            pc for mid in range(len(mats)) if plan.owner[mid] == me
-            for pc in sources[mid] if pc.rank == src))
+        # Per peer, pieces in matrix order (then layout order): the order both ends agree on.
+        send_in: list[list[Piece]] = [[] for _ in range(world)]
+        recv_in: list[list[Piece]] = [[] for _ in range(world)]
+        send_out: list[list[Piece]] = [[] for _ in range(world)]
+        recv_out: list[list[Piece]] = [[] for _ in range(world)]
+        for mid, owner in enumerate(plan.owner):
+            for pc in layout.pieces[mid]:
+                if pc.replica == plan.source[mid]:  # in: source replica, holder -> owner
+                    if pc.rank == me:
+                        send_in[owner].append(pc)
+                    if owner == me:
+                        recv_in[pc.rank].append(pc)
+                if owner == me:  # out: every replica, owner -> holder
+                    send_out[pc.rank].append(pc)
+                if pc.rank == me:
+                    recv_out[owner].append(pc)
+
         own_in = send_in[me]
         send_in[me], recv_in[me] = [], []
         self.inward = self._route(send_in, recv_in, comm_dtype, device)
@@ -158,13 +164,6 @@ class Exchange:
                 self.inward.unpack_dst.append(dst)
                 self.inward.unpack_src.append(src)
 
-        # Out: every piece of every replica, owner -> holder.
-        send_out = _ordered(world, lambda dst: (
-            pc for mid in range(len(mats)) if plan.owner[mid] == me
-            for pc in layout.pieces[mid] if pc.rank == dst))
-        recv_out = _ordered(world, lambda src: (
-            pc for mid in range(len(mats)) if plan.owner[mid] == src
-            for pc in layout.pieces[mid] if pc.rank == me))
         own_out = send_out[me]
         send_out[me], recv_out[me] = [], []
         self.outward = self._route(send_out, recv_out, comm_dtype, device)
@@ -214,11 +213,6 @@ def _numel(size: tuple[int, ...]) -> int:
     for s in size:
         out *= s
     return out
-
-
-def _ordered(world: int, pieces_for) -> list[list[Piece]]:
-    """Per peer rank, its pieces in matrix order, then layout order."""
-    return [list(pieces_for(r)) for r in range(world)]
 
 
 def _slices(per_peer: list[list[Piece]], buf: torch.Tensor):

@@ -158,8 +158,8 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     lines.append(f"{'step ms':<14}" + "".join(f"{t * 1e3:>11.2f}" for t in total)
                  + f"{max(total) * 1e3:>11.2f}")
     lines.append(f"{'NS TFLOP/s':<14}" + "".join(f"{t:>11.3g}" for t in tflops))
-    lines.append(f"{'sent MB':<14}" + "".join(f"{r['sent'] / 1e6:>11.1f}" for r in ranks))
-    lines.append(f"{'recv MB':<14}" + "".join(f"{r['recv'] / 1e6:>11.1f}" for r in ranks))
+    lines.append(f"{'sent MB':<14}" + "".join(f"{r['sent'] / 1e6:>11.4g}" for r in ranks))
+    lines.append(f"{'recv MB':<14}" + "".join(f"{r['recv'] / 1e6:>11.4g}" for r in ranks))
     measured = max(ns) / mean_ns if mean_ns > 0 else 1.0
     # On the rank with the most NS work the exchanges hold no wait for slower ranks' NS: its
     # exchange time is the transfer on the step's critical path.

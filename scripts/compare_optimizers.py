@@ -4,7 +4,7 @@ Usage (the numbers in docs/train.md come from exactly this):
 
     .venv/bin/python scripts/compare_optimizers.py --out runs/compare
 
-1. Sweep: seed 0, default budget, lr in {1e-3, 3e-3, 1e-2, 3e-2} for each optimizer.
+1. Sweep: seed 0, default budget, lr in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} for each optimizer.
 2. Seeds 0, 1, 2 at each optimizer's best lr from the sweep (seed 0 reuses the sweep run).
 Writes ``<out>/results.json`` and prints both tables. Runs are resumable: a finished run
 (its summary.json exists) is not run again.
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SEEDS = (0, 1, 2)
 
 

@@ -6,7 +6,8 @@ Usage (the numbers in docs/train.md come from exactly this):
 
 1. Sweep: seed 0, default budget, lr in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} for each optimizer.
 2. Seeds 0, 1, 2 at each optimizer's best lr from the sweep (seed 0 reuses the sweep run).
-Writes ``<out>/results.json`` and prints both tables. Runs are resumable: a finished run
+Writes ``<out>/results.json`` and ``<out>/seeds.png`` (validation curves of the seed runs)
+and prints both tables. Runs are resumable: a finished run
 (its summary.json exists) is not run again.
 """
 
@@ -35,6 +36,28 @@ def run(out: Path, optimizer: str, lr: float, seed: int, extra: list[str]) -> di
     return result
 
 
+def plot_seeds(out: Path, best: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (opt, lr) in enumerate(best.items()):
+        for s in SEEDS:
+            lines = (out / f"{opt}_lr{lr:g}_seed{s}" / "metrics.jsonl").read_text().splitlines()
+            vals = [r for r in map(json.loads, lines) if "val_loss" in r]
+            ax.plot([r["step"] for r in vals], [r["val_loss"] for r in vals], "o-",
+                    color=f"C{i}", alpha=0.8, label=f"{opt} (lr {lr:g})" if s == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation cross-entropy (nats/byte)")
+    ax.set_title(f"dmuon train default job, seeds {SEEDS}, best lr of the same sweep")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/compare")
@@ -55,6 +78,7 @@ def main() -> None:
     print(f"{'seed':>6}" + "".join(f"{o + ' @' + format(best[o], 'g'):>16}" for o in sweep))
     for s in SEEDS:
         print(f"{s:>6}" + "".join(f"{seeds[o][s]['val_loss']:>16.4f}" for o in sweep))
+    plot_seeds(out, best)
     (out / "results.json").write_text(json.dumps(
         {"grid": GRID, "best": best,
          "sweep": {o: {str(lr): r for lr, r in v.items()} for o, v in sweep.items()},

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from distributed_muon.launch.local import init_process_group_from_env, launched_externally, spawn
 from distributed_muon.optimizer import PHASES, DistributedMuon
-from distributed_muon.plan import ns_flops
 
 # A d=2048, 16-layer transformer's matrices as [out, in]: qkv, proj, fc1, fc2 (~0.8B values).
 DEFAULT_SHAPES = "6144x2048,2048x2048,8192x2048,2048x8192"
@@ -195,4 +194,4 @@ def run(cfg: BenchConfig) -> None:
         spawn(_rank_main, cfg.nproc, cfg)
 
 
-__all__ = ["BenchConfig", "DEFAULT_SHAPES", "matmul_tflops", "ns_flops", "parse_shapes", "run"]
+__all__ = ["BenchConfig", "DEFAULT_SHAPES", "matmul_tflops", "parse_shapes", "run"]

@@ -58,6 +58,7 @@ def test_resume_is_bit_exact_at_the_same_world_size(tmp_path, layout):
             assert torch.equal(x, y)
 
 
+@pytest.mark.timeout(900)
 def test_reshard_4_fsdp2_to_2_hsdp_1_and_replicated(tmp_path):
     path = str(tmp_path / "ckpt")
     params, grads = full_tensors()

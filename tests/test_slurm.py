@@ -102,6 +102,7 @@ def _log(tmp_path: Path, name: str, job: str) -> str:
 
 
 @needs_cluster
+@pytest.mark.timeout(900)
 def test_sbatch_train_across_two_nodes(tmp_path):
     out = tmp_path / "run"
     job = _submit(tmp_path, "two-nodes", ["--steps", "16", "--eval-every", "8",
@@ -116,6 +117,7 @@ def test_sbatch_train_across_two_nodes(tmp_path):
 
 
 @needs_cluster
+@pytest.mark.timeout(900)
 def test_sbatch_cancel_then_resume(tmp_path):
     out = tmp_path / "run"
     args = ["--steps", "24", "--save-every", "8", "--eval-every", "8", "--out", str(out)]

@@ -68,6 +68,7 @@ def _rank_pids(parent: int) -> list[int]:
     return pids
 
 
+@pytest.mark.timeout(900)
 def test_kill_one_rank_and_resume_continues_the_same_curve(tmp_path):
     steps = ["--steps", "32", "--save-every", "8", "--eval-every", "8"]
     reference = tmp_path / "straight"

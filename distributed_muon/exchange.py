@@ -17,6 +17,7 @@ Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dty
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -127,7 +128,7 @@ class Exchange:
                 (
                     torch.as_strided(self._batch_flat, seg.size, seg.stride,
                                      base_of[pc.matrix] + seg.matrix_offset),
-                    flat.narrow(0, seg.value_offset, _numel(seg.size)).view(seg.size),
+                    flat.narrow(0, seg.value_offset, math.prod(seg.size)).view(seg.size),
                 )
                 for seg in pc.segments(n)
             ]
@@ -206,13 +207,6 @@ class Exchange:
         sent = sum(sum(rt.send_counts) for rt in routes)
         recv = sum(sum(rt.recv_counts) for rt in routes)
         return sent * item, recv * item
-
-
-def _numel(size: tuple[int, ...]) -> int:
-    out = 1
-    for s in size:
-        out *= s
-    return out
 
 
 def _slices(per_peer: list[list[Piece]], buf: torch.Tensor):

@@ -34,12 +34,19 @@ def _env_rank() -> tuple[int, int, int]:
 def init_process_group_from_env(device: str = "auto") -> torch.device:
     """Join the job's process group; returns this rank's device.
 
-    ``device``: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``. Under SLURM without
-    ``MASTER_ADDR``, the first host of ``SLURM_JOB_NODELIST`` must be exported as MASTER_ADDR by
-    the job script (`dmuon slurm` does).
+    ``device``: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``. A multi-node SLURM job
+    must export ``MASTER_ADDR`` (the first host of ``SLURM_JOB_NODELIST``; `dmuon slurm`
+    scripts do): without it this raises rather than hang.
     """
     rank, world, local_rank = _env_rank()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if "MASTER_ADDR" not in os.environ and int(os.environ.get("SLURM_NNODES", "1")) > 1:
+        # Defaulting to localhost here would leave every node waiting on its own rendezvous.
+        raise RuntimeError(
+            "MASTER_ADDR is not set in a multi-node Slurm job: export it in the job script, "
+            'e.g. MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
+            "(scripts rendered by `dmuon slurm` do)"
+        )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if use_cuda:

@@ -225,7 +225,8 @@ def _experts_worker(rank, world):
         holders = {pc.rank for pc in lay.pieces[m.id]}
         pinned.append((m.param, holders, plan.owner[m.id]))
     sent, recv = plan.traffic(lay, 2)
-    return {"pinned": pinned, "sent": sent}
+    return {"pinned": pinned, "sent": sent, "planned": (sent[rank], recv[rank]),
+            "built": opt.exchange.bytes_per_step}
 
 
 def test_whole_experts_stay_where_they_lie():
@@ -240,6 +241,8 @@ def test_whole_experts_stay_where_they_lie():
     # Only the two experts of the row-sharded tensor cross the network: 2 matrices x half of
     # 8 x 12 values x 2 bytes, in and out.
     assert sum(results[0]["sent"]) == 2 * 2 * (4 * 12) * 2
+    # The plan's metadata-only byte count is what the exchange actually moves.
+    assert all(r["planned"] == r["built"] for r in results)
 
 
 def _mismatch_worker(rank, world):

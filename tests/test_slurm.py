@@ -137,3 +137,14 @@ def test_sbatch_cancel_then_resume(tmp_path):
     assert f"resumed at step {saved}" in _log(tmp_path, "resume", job2)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
+
+
+def test_multi_node_job_without_master_addr_is_refused(monkeypatch):
+    from distributed_muon.launch.local import init_process_group_from_env
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
+        init_process_group_from_env("cpu")

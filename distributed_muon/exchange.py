@@ -85,7 +85,9 @@ class Exchange:
         local_dtype: torch.dtype,
         comm_dtype: torch.dtype,
     ) -> None:
-        self.layout, self.plan, self.group = layout, plan, group
+        # No matrices anywhere (every rank sees the same layout): nothing to exchange.
+        self.layout, self.plan = layout, plan
+        self.group = group if layout.matrices else None
         world, me = layout.world_size, layout.rank
         mats = layout.matrices
 

@@ -249,12 +249,15 @@ def _check_tiling(mat: LogicalMatrix, pieces: list[Piece], spec: MatrixSpec) -> 
 class Sharding(Protocol):
     """How a framework stores parameters on this rank: the one thing an adapter provides.
 
-    ``group`` is the process group the exchange runs over (None: one process). ``local`` and
-    ``local_grad`` return this rank's contiguous storage of a parameter and of its gradient
-    (same shape); ``regions`` says which values of the parameter that storage holds.
+    ``group`` is the process group the exchange runs over (None: one process). ``shape`` is a
+    parameter's global (logical) shape. ``local`` and ``local_grad`` return this rank's
+    contiguous storage of a parameter and of its gradient (same shape); ``regions`` says which
+    values of the parameter that storage holds.
     """
 
     group: dist.ProcessGroup | None
+
+    def shape(self, param: torch.Tensor) -> torch.Size: ...
 
     def local(self, param: torch.Tensor) -> torch.Tensor: ...
 

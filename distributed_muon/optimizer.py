@@ -9,6 +9,7 @@ Layout, ownership plan and exchange buffers are built once, at construction.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -122,7 +123,7 @@ class DistributedMuon(Optimizer):
                 "all parameter groups instead of calling add_param_group later"
             )
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1])
+        validate_group(self.param_groups[-1])
 
     def _setup(self, strategy: str) -> None:
         muon: list[torch.Tensor] = []
@@ -133,12 +134,13 @@ class DistributedMuon(Optimizer):
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names, strict=True):
-                label = name or f"parameter {tuple(p.shape)} of group {gi}"
+                shape = self.sharding.shape(p)
+                label = name or f"parameter {tuple(shape)} of group {gi}"
                 use = group["use_muon"]
                 if use is None:
-                    use = default_use_muon(p, name)
+                    use = default_use_muon(shape, name)
                 if use:
-                    specs.append(MatrixSpec.of(p.shape, group["row_blocks"],
+                    specs.append(MatrixSpec.of(shape, group["row_blocks"],
                                                group["matrix_view"], label))
                     keys.append(_ns_key(group))
                     muon.append(p)
@@ -312,6 +314,23 @@ class DistributedMuon(Optimizer):
             torch._foreach_addcdiv_(params, m, denom, step_sizes)
 
 
+def group_defaults(**options: Any) -> dict[str, Any]:
+    """`DistributedMuon`'s per-group defaults with ``options`` applied (for adapters that build
+    the optimizer from a config). An unknown name raises, listing the valid ones."""
+    signature = inspect.signature(DistributedMuon.__init__).parameters
+    defaults = {
+        name: p.default for name, p in signature.items()
+        if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params", "comm_dtype")
+    }
+    defaults.update(use_muon=None, row_blocks=None, matrix_view="experts")
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown DistributedMuon option(s) {unknown}: valid options are "
+                        f"{sorted(defaults)} and comm_dtype")
+    defaults.update(options)
+    return defaults
+
+
 def _adamw_lr(group: dict[str, Any]) -> float:
     """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``."""
     if group["adamw_lr"] is None:
@@ -327,7 +346,7 @@ def _ns_key(group: dict[str, Any]) -> tuple:
     return (schedule, group["ns_steps"], group["ns_dtype"], group["eps"], group["scale"])
 
 
-def _validate_group(group: dict[str, Any]) -> None:
+def validate_group(group: dict[str, Any]) -> None:
     """Check and normalize one param group's options; every error names the fix."""
     if "comm_dtype" in group:
         raise ValueError("comm_dtype is optimizer-wide: pass it to DistributedMuon, not a group")

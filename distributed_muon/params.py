@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 MATRIX_VIEWS = ("experts", "flatten")
@@ -99,9 +98,9 @@ def is_embedding_or_head_name(name: str) -> bool:
     return bool(parts) and parts[0] == "output"
 
 
-def default_use_muon(param: torch.Tensor, name: str | None) -> bool:
-    """The rule for a parameter whose group does not set ``use_muon``."""
-    if param.ndim < 2:
+def default_use_muon(shape: Sequence[int], name: str | None) -> bool:
+    """The rule for a parameter of (global) ``shape`` whose group does not set ``use_muon``."""
+    if len(shape) < 2:
         return False
     return name is None or not is_embedding_or_head_name(name)
 

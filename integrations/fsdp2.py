@@ -89,6 +89,9 @@ class DTensorSharding:
                 f"{tuple(p.shape)}"
             )
 
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return param.shape
+
     def local(self, param: torch.Tensor) -> torch.Tensor:
         return param.to_local() if isinstance(param, DTensor) else param
 

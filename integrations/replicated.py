@@ -24,6 +24,9 @@ class ReplicatedSharding:
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
 
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return param.shape
+
     def local(self, param: torch.Tensor) -> torch.Tensor:
         return param
 

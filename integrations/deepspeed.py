@@ -146,6 +146,7 @@ class DeepSpeedMuon(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._groups = list(self.param_groups)  # torch rebuilds the group dicts
         for (gi, _), unit in self._units.items():
             self._link_state(gi, unit)
 

@@ -40,7 +40,7 @@ class TinyLM(nn.Module):
             from deepspeed.moe.layer import MoE
 
             expert = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-            self.moe = MoE(hidden_size=D, expert=expert, num_experts=2, ep_size=2, k=1,
+            self.moe = MoE(hidden_size=D, expert=expert, num_experts=4, ep_size=2, k=1,
                            min_capacity=SEQ * MICRO, drop_tokens=False)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
@@ -192,3 +192,142 @@ def _train_same_batch(rank, world, cfg, steps):
         engine.step()
         losses.append(float(loss))
     return {"losses": losses, "ns": _inner(engine).ns_matrices}
+
+
+def _moe_worker(rank, world, stage, steps):
+    """Per rank: the update of every Muon matrix (experts included) equals the independent
+    reference applied to the full gradient DeepSpeed reduced (over the expert-data-parallel
+    group for experts)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from reference import ReferenceMuon
+
+    _init_env(rank, world)
+    model = _model(moe=True)
+    cfg = _config(stage, world)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=cfg)
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    ref = None
+    data = _batches(steps, world * MICRO).view(steps, world, MICRO, SEQ)
+    worst = 0.0
+    for step in range(steps):
+        loss = engine(data[step, rank])
+        engine.backward(loss)
+        grads = [safe_get_full_grad(p).float().clone() for _, p in named]
+        before = [safe_get_full_fp32_param(p).float().clone() for _, p in named]
+        if ref is None:
+            ref = ReferenceMuon(before, lr=OPTIONS["lr"], weight_decay=OPTIONS["weight_decay"])
+        else:
+            for r, b in zip(ref.params, before):
+                r.copy_(b)
+        ref.step(grads)
+        engine.step()
+        for (_, p), want in zip(named, ref.params):
+            got = safe_get_full_fp32_param(p).float()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    experts = [n for n, _ in named if "experts" in n]
+    return {"worst": worst, "experts": experts, "ns": _inner(engine).ns_matrices,
+            "muon": len(named)}
+
+
+def test_moe_experts_per_expert_data_parallel_group():
+    """4 ranks, 4 experts, expert parallel 2: each rank holds 2 experts, each expert is shared
+    by an expert-data-parallel group of 2 ranks."""
+    world, steps = 4, 2
+    results = run_ranks(world, _moe_worker, 2, steps, timeout=400)
+    for r in results:
+        assert len(r["experts"]) == 4  # 2 local experts x (fc in, fc out)
+        assert r["worst"] < 2e-5, r["worst"]
+    # Dense matrices once in the job, each local expert matrix once per expert-DP group.
+    dense = results[0]["muon"] - len(results[0]["experts"])
+    expert_matrices = 4 * 2  # 4 experts x 2 matrices, each in one expert-DP group
+    assert sum(r["ns"] for r in results) == (dense + expert_matrices) * steps
+
+
+def _checkpoint_worker(rank, world, stage, path, mode):
+    """``mode="save"``: 2 steps, save, 2 more steps. ``"load"``: load, the same 2 steps."""
+    _init_env(rank, world)
+    model = _model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=_config(stage, world))
+    data = _batches(4, world * MICRO).view(4, world, MICRO, SEQ)
+    first = 0
+    if mode == "save":
+        for step in range(2):
+            engine.backward(engine(data[step, rank]))
+            engine.step()
+        engine.save_checkpoint(path, tag="step2")
+    else:
+        engine.load_checkpoint(path, tag="step2")
+    first = 2
+    losses = []
+    for step in range(first, 4):
+        loss = engine(data[step, rank])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return {"losses": losses, "params": _full_fp32(engine, model, stage)}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_checkpoint_resumes_bit_for_bit(stage, tmp_path):
+    world = 2
+    saved = run_ranks(world, _checkpoint_worker, stage, str(tmp_path), "save", timeout=300)
+    loaded = run_ranks(world, _checkpoint_worker, stage, str(tmp_path), "load", timeout=300)
+    for s, r in zip(saved, loaded):
+        assert s["losses"] == r["losses"]
+        for a, b in zip(s["params"], r["params"]):
+            assert torch.equal(a, b)
+
+
+def _bad_config_worker(rank, world, cases):
+    """Every case in one process: ``(params, extra config)`` -> the error message or None."""
+    _init_env(rank, world)
+    errors = []
+    for params, extra in cases:
+        cfg = _config(1, 1, **extra)
+        cfg["optimizer"]["params"].update(params)
+        model = _model()
+        try:
+            deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            errors.append(None)
+        except (ValueError, TypeError) as err:
+            errors.append(str(err))
+    return errors
+
+
+BAD_CONFIGS = [
+    ({"momentum": 1.5}, {}, "momentum"),
+    ({"ns_dtype": "int8"}, {}, "ns_dtype"),
+    ({"lr": 0.02, "betas": [0.9, 0.95]}, {}, "unknown DistributedMuon option"),
+    ({"scale": "bogus"}, {}, "scale"),
+    ({"plan": "random"}, {}, "plan"),
+    ({}, {"fp16": {"enabled": True}}, "fp16"),
+    ({}, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+          "zero_force_ds_cpu_optimizer": False}, "offload"),
+]
+
+
+def test_bad_configs_fail_before_the_first_step():
+    (errors,) = run_ranks(1, _bad_config_worker, [(p, e) for p, e, _ in BAD_CONFIGS],
+                          timeout=200)
+    for (params, extra, message), error in zip(BAD_CONFIGS, errors):
+        assert error is not None and message in error, (params, extra, error)
+
+
+def _use_muon_worker(rank, world):
+    _init_env(rank, world)
+    model = _model()
+    model.fc1.weight.use_muon = True  # what DeepSpeed's own Muon would act on
+    try:
+        deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                             config=_config(2, 1))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_refuses_parameters_tagged_for_deepspeeds_own_muon():
+    (error,) = run_ranks(1, _use_muon_worker, timeout=120)
+    assert error is not None and "use_muon" in error

@@ -1,0 +1,193 @@
+"""Step time and peak memory of AdamW, DeepSpeed's Muon and DistributedMuon under DeepSpeed ZeRO.
+
+Launch (one node, 4 GPUs; repeat for each --stage and --optimizer):
+
+    torchrun --standalone --nproc-per-node 4 scripts/bench_deepspeed.py \
+        --stage 1 --optimizer distributed_muon --out results.jsonl
+
+Trains a dense GPT-style transformer (about 1.0B parameters by default) on random tokens for
+``--warmup + --steps`` steps in bf16. A step's time is the wall time between
+``torch.cuda.synchronize()`` calls, max over ranks; the median, min and max of the measured
+(post-warmup) steps are reported, with peak ``max_memory_allocated`` over the whole run (max over
+ranks). Rank 0 appends one JSON line to ``--out`` and prints a summary.
+
+--optimizer ds_muon is DeepSpeed's built-in ``"type": "Muon"``: ``deepspeed.initialize`` tags
+every >=2-D parameter whose name lacks "embed"/"lm_head" with ``use_muon=True`` (the rest get
+its auxiliary Adam, here torch's AdamW via ``torch_adam``), and its Newton-Schulz is
+``torch.compile``d, so the first steps compile. ZeRO-3 Muon needs ``reduce_scatter: false``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_DIM = 128
+LR = 1e-4
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.fc1 = nn.Linear(dim, 4 * dim, bias=False)
+        self.fc2 = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = self.qkv(self.ln1(x)).view(b, s, 3, d // HEAD_DIM, HEAD_DIM)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens[:, :-1])
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def optimizer_block(name: str) -> dict[str, Any]:
+    if name == "adamw":
+        params = {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 0.1, "torch_adam": True}
+        return {"type": "AdamW", "params": params}
+    if name == "ds_muon":
+        # Keys DeepSpeed's Muon reads: lr, muon_lr, adam_lr, momentum, weight_decay, ns_method
+        # ("gram" default | "standard"), betas, eps, adam_w_mode, torch_adam, per_head_muon.
+        # torch_adam: the Adam half is torch AdamW (else FusedAdam, a JIT-built CUDA extension).
+        params = {"lr": LR, "momentum": 0.95, "weight_decay": 0.1, "betas": [0.9, 0.95],
+                  "torch_adam": True}
+        return {"type": "Muon", "params": params}
+    import distributed_muon.integrations.deepspeed  # noqa: F401  (registers "DistributedMuon")
+
+    params = {"lr": LR, "weight_decay": 0.1, "ns_dtype": "bf16", "comm_dtype": "bf16"}
+    return {"type": "DistributedMuon", "params": params}
+
+
+def ds_config(args: argparse.Namespace) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": args.stage}
+    if args.optimizer == "ds_muon" and args.stage == 3:
+        zero["reduce_scatter"] = False  # ZeRO-3 refuses Muon with reduce_scatter
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": zero,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "optimizer": optimizer_block(args.optimizer),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1)
+    p.add_argument("--optimizer", choices=("adamw", "ds_muon", "distributed_muon"),
+                   default="distributed_muon")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--out", default="results.jsonl")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    assert args.dim % HEAD_DIM == 0, f"--dim must be a multiple of {HEAD_DIM}"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", local_rank)
+
+    torch.manual_seed(0)
+    model = GPT(args.vocab, args.dim, args.layers)  # CPU, fp32; DeepSpeed casts to bf16
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = ds_config(args)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+
+    times: list[float] = []
+    losses: list[torch.Tensor] = []
+    gen = torch.Generator(device=device)
+    for step in range(args.warmup + args.steps):
+        gen.manual_seed(1_000_003 * rank + step)
+        tokens = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device,
+                               generator=gen)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = engine(tokens)
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        dt = torch.tensor(time.perf_counter() - t0, device=device, dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        losses.append(loss.detach().float())
+        if step >= args.warmup:
+            times.append(dt.item())
+
+    peak = torch.tensor(torch.cuda.max_memory_allocated(), device=device, dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    loss_mean = torch.stack(losses)
+    dist.all_reduce(loss_mean)
+    loss_mean = (loss_mean / world).tolist()
+
+    if rank == 0:
+        result = {
+            "optimizer": args.optimizer, "stage": args.stage, "world_size": world,
+            "step_s_median": statistics.median(times), "step_s_min": min(times),
+            "step_s_max": max(times), "step_s_all": times,
+            "peak_mem_gib": peak.item() / 2**30, "params": n_params,
+            "loss_first": loss_mean[0], "loss_last": loss_mean[-1],
+            "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "optimizer_config": cfg["optimizer"],
+            "zero_optimization": cfg["zero_optimization"], "args": vars(args),
+        }
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"[bench] {args.optimizer} ZeRO-{args.stage} x{world}: "
+              f"step {result['step_s_median'] * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
+              f"max {max(times) * 1e3:.1f}), peak {result['peak_mem_gib']:.2f} GiB, "
+              f"{n_params / 1e9:.3f}B params, loss {loss_mean[0]:.4f} -> {loss_mean[-1]:.4f}",
+              flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -155,9 +155,40 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--output", "-o", help="write the script here instead of stdout")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, help="-- dmuon train flags")
     slurm.set_defaults(func=_slurm)
+    ckpt = sub.add_parser(
+        "ckpt", help="convert a DeepSpeed checkpoint's DistributedMuon state",
+        description="Rebuild whole tensors from a DeepSpeed ZeRO-1/2/3 checkpoint saved with "
+        "\"type\": \"DistributedMuon\" and write the topology-free form (DCP), which "
+        "distributed_muon.integrations.deepspeed_checkpoint.load_topology_free loads at any "
+        "data-parallel size and ZeRO stage.")
+    ckpt.add_argument("src", help="the DeepSpeed checkpoint tag folder (e.g. ckpt/global_step100)")
+    ckpt.add_argument("dst", help="output folder (must not exist)")
+    ckpt.set_defaults(func=_ckpt)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if Path(args.dst).exists():
+        print(f"dmuon ckpt: {args.dst} exists; choose a new folder", file=sys.stderr)
+        return 2
+    try:
+        from distributed_muon.integrations.deepspeed_checkpoint import convert_checkpoint
+    except ImportError as err:
+        print(f"dmuon ckpt needs DeepSpeed: pip install 'distributed-muon[deepspeed]' ({err})",
+              file=sys.stderr)
+        return 2
+    try:
+        summary = convert_checkpoint(args.src, args.dst, progress=lambda s: print(s, flush=True))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"dmuon ckpt: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['parameters']} parameters from {summary['ranks']} ZeRO-"
+          f"{summary['zero_stage']} ranks to {args.dst}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,8 +45,10 @@ class FlatSharding:
     """
 
     def __init__(self, flat: torch.Tensor, fragments: dict[torch.Tensor, tuple[int, int, int]],
-                 shapes: dict[torch.Tensor, torch.Size], group: dist.ProcessGroup | None) -> None:
+                 shapes: dict[torch.Tensor, torch.Size], group: dist.ProcessGroup | None,
+                 index: int | None = None) -> None:
         self.flat, self.fragments, self.shapes, self.group = flat, fragments, shapes, group
+        self.index = index  # ZeRO-3: the sub-group; else the flat is its param group's
         self.rank = dist.get_rank(group) if group is not None else 0
 
     def shape(self, param: torch.Tensor) -> torch.Size:
@@ -133,7 +135,7 @@ class DeepSpeedMuon(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             gi = next(i for i, g in enumerate(self._groups) if g is group)
-            if group["params"] and group["params"][0] is self._group_params[gi][0]:
+            if self._holds_parameters(gi, group):
                 units = [self._unit(gi, None)]  # no ZeRO: the group's own parameters
             else:
                 units = [self._unit(gi, flat) for flat in group["params"]]
@@ -150,7 +152,75 @@ class DeepSpeedMuon(Optimizer):
         for (gi, _), unit in self._units.items():
             self._link_state(gi, unit)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``dmuon_fragments``: for every flat partition (by its index
+        in ``state``), the fragments of named parameters it holds, so that `convert_checkpoint`
+        can rebuild whole tensors from DeepSpeed's per-rank files without DeepSpeed's layout
+        rules."""
+        out = super().state_dict()
+        fragments, index = {}, 0
+        for gi, group in enumerate(self.param_groups):
+            own = self._holds_parameters(gi, group)
+            for t in group["params"]:
+                if not own:
+                    sharding = _flat_sharding(t, self._group_params[gi])
+                    names = dict(zip(self._group_params[gi], self._group_names[gi], strict=True))
+                    fragments[index] = {
+                        "flat": gi if sharding.index is None else sharding.index,
+                        "params": [(names[p], tuple(sharding.shapes[p]), *frag)
+                                   for p, frag in sharding.fragments.items()],
+                    }
+                index += 1
+        out["dmuon_fragments"] = fragments
+        return out
+
+    def load_full_state(self, weights: dict[str, torch.Tensor],
+                        states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set fp32 weights and optimizer state from whole tensors by parameter name (what
+        `load_topology_free` reads), at this job's data-parallel size. Call after
+        ``deepspeed.initialize`` and before the next step; every rank passes the same tensors."""
+        missing = sorted(n for names in self._group_names for n in names if n not in weights)
+        if missing:
+            raise ValueError(f"the checkpoint lacks parameters {missing[:5]} of this model")
+        for gi, group in enumerate(self._groups):
+            params, names = self._group_params[gi], self._group_names[gi]
+            z3 = getattr(params[0], "_z3_optimizer", None)
+            if z3 is not None:
+                flats = [f for s, f in enumerate(z3.fp32_partitioned_groups_flat)
+                         if z3.sub_group_to_group_id[s] == gi]
+            elif self._holds_parameters(gi, group):
+                flats = []  # no ZeRO: the parameters hold their own values
+                for p, name in zip(params, names, strict=True):
+                    p.data.copy_(weights[name].view(p.shape))
+                    self.state[p] = {k: v.view(p.shape) if v.ndim else v
+                                     for k, v in states.get(name, {}).items()}
+            else:
+                flats = list(group["params"])
+            by_name = dict(zip(params, names, strict=True))
+            for flat in flats:
+                sharding = _flat_sharding(flat, params)
+                state: dict[str, torch.Tensor] = {}
+                for p, (start, length, offset) in sharding.fragments.items():
+                    flat.data.narrow(0, offset, length).copy_(
+                        weights[by_name[p]].reshape(-1).narrow(0, start, length))
+                    for key, value in states.get(by_name[p], {}).items():
+                        if value.ndim == 0:
+                            state[key] = value.clone()
+                            continue
+                        if key not in state:
+                            state[key] = torch.zeros_like(flat)
+                        state[key].narrow(0, offset, length).copy_(
+                            value.reshape(-1).narrow(0, start, length))
+                self.state[flat] = state
+            _set_low_precision(params, names, weights, z3)
+        for (gi, _), unit in self._units.items():
+            self._link_state(gi, unit)
+
     # ------------------------------------------------------------------ units
+
+    def _holds_parameters(self, gi: int, group: dict[str, Any]) -> bool:
+        """True when DeepSpeed left the group's own parameters in it (no ZeRO, fp32)."""
+        return bool(group["params"]) and group["params"][0] is self._group_params[gi][0]
 
     def _unit(self, gi: int, flat: torch.Tensor | None) -> _Unit:
         key = (gi, id(flat) if flat is not None else -1)
@@ -240,6 +310,7 @@ def _flat_sharding(flat: torch.Tensor, group_params: list[torch.Tensor]) -> Flat
     shapes = {p: _shape(p) for p in group_params}
     z3 = getattr(group_params[0], "_z3_optimizer", None)
     fragments: dict[torch.Tensor, tuple[int, int, int]] = {}
+    sub = None
     if z3 is not None:  # ZeRO-3: every parameter is split evenly, padded, over the group
         sub = next(i for i, t in enumerate(z3.fp32_partitioned_groups_flat) if t is flat)
         params = z3.fp16_groups[sub]
@@ -264,7 +335,22 @@ def _flat_sharding(flat: torch.Tensor, group_params: list[torch.Tensor]) -> Flat
             fragments[p] = (lp.start, lp.numel, hp.start)
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    return FlatSharding(flat, fragments, shapes, group)
+    return FlatSharding(flat, fragments, shapes, group, sub if z3 is not None else None)
+
+
+def _set_low_precision(params: list[torch.Tensor], names: list[str],
+                       weights: dict[str, torch.Tensor], z3: Any) -> None:
+    """The model's own (bf16 or fp32) copy of the weights, which forward reads."""
+    for p, name in zip(params, names, strict=True):
+        full = weights[name].reshape(-1)
+        if z3 is None:
+            p.data.copy_(full.view(p.shape))
+            continue
+        part = p.ds_tensor.numel()
+        rank = dist.get_rank(z3._get_param_partition_group(p))
+        start, stop = rank * part, min((rank + 1) * part, p.ds_numel)
+        if start < stop:
+            p.ds_tensor.data.narrow(0, 0, stop - start).copy_(full.narrow(0, start, stop - start))
 
 
 def _flat_group(group_params: list[torch.Tensor]) -> dist.ProcessGroup | None:

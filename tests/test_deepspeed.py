@@ -331,3 +331,58 @@ def _use_muon_worker(rank, world):
 def test_refuses_parameters_tagged_for_deepspeeds_own_muon():
     (error,) = run_ranks(1, _use_muon_worker, timeout=120)
     assert error is not None and "use_muon" in error
+
+
+GLOBAL_ROWS = 6  # divisible by 2 and 3: the same global batch at both sizes
+
+
+def _reshard_worker(rank, world, stage, src, tag, mode):
+    """``"save"``: 2 steps, save. ``"resume"``: DeepSpeed's own load at the same size.
+    ``"reshard"``: load the converted topology-free checkpoint. Both then run steps 2 and 3."""
+    from distributed_muon.integrations.deepspeed_checkpoint import load_topology_free
+
+    _init_env(rank, world)
+    model = _model()
+    cfg = _config(stage, world)
+    cfg["train_micro_batch_size_per_gpu"] = GLOBAL_ROWS // world
+    cfg["train_batch_size"] = GLOBAL_ROWS
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=cfg)
+    data = _batches(4, GLOBAL_ROWS).view(4, world, GLOBAL_ROWS // world, SEQ)
+    if mode == "save":
+        for step in range(2):
+            engine.backward(engine(data[step, rank]))
+            engine.step()
+        engine.save_checkpoint(src, tag=tag)
+        return None
+    if mode == "resume":
+        engine.load_checkpoint(src, tag=tag)
+    else:
+        load_topology_free(engine, src)
+    for step in range(2, 4):
+        engine.backward(engine(data[step, rank]))
+        engine.step()
+    return _full_fp32(engine, model, stage)
+
+
+@pytest.mark.parametrize("stage,to_stage,to_world", [(2, 2, 3), (3, 1, 3)])
+def test_reshard_through_topology_free_form(stage, to_stage, to_world, tmp_path):
+    from distributed_muon.cli import main
+
+    ds_dir, dcp_dir = tmp_path / "ds", tmp_path / "dcp"
+    run_ranks(2, _reshard_worker, stage, str(ds_dir), "t", "save", timeout=300)
+    assert main(["ckpt", str(ds_dir / "t"), str(dcp_dir)]) == 0
+    want = run_ranks(2, _reshard_worker, stage, str(ds_dir), "t", "resume", timeout=300)[0]
+    got = run_ranks(to_world, _reshard_worker, to_stage, str(dcp_dir), None, "reshard",
+                    timeout=300)
+    for r in got:
+        _assert_close([r], [want], 1e-5)
+
+
+def test_ckpt_refuses_what_it_cannot_convert(tmp_path, capsys):
+    from distributed_muon.cli import main
+
+    assert main(["ckpt", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no DeepSpeed ZeRO optimizer files" in capsys.readouterr().err
+    assert main(["ckpt", str(tmp_path), str(tmp_path)]) == 2  # output exists
+    assert "exists" in capsys.readouterr().err

@@ -154,6 +154,8 @@ class DistributedMuon(Optimizer):
         if len(devices) > 1:
             raise ValueError(f"Muon parameters live on several devices {devices}: "
                              "DistributedMuon needs them on one device per rank")
+        if not devices and self._adamw:  # no matrices here: collectives on AdamW's device
+            devices = {self.sharding.local(self._adamw[0][1]).device}
         device = devices.pop() if devices else torch.device("cpu")
         local_dtype = torch.float32
         for t in locals_:

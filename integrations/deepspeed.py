@@ -46,9 +46,10 @@ class FlatSharding:
 
     def __init__(self, flat: torch.Tensor, fragments: dict[torch.Tensor, tuple[int, int, int]],
                  shapes: dict[torch.Tensor, torch.Size], group: dist.ProcessGroup | None,
-                 index: int | None = None) -> None:
+                 index: int | None = None, replicated: bool = False) -> None:
         self.flat, self.fragments, self.shapes, self.group = flat, fragments, shapes, group
         self.index = index  # ZeRO-3: the sub-group; else the flat is its param group's
+        self.replicated = replicated  # every rank holds every value: each rank a replica
         self.rank = dist.get_rank(group) if group is not None else 0
 
     def shape(self, param: torch.Tensor) -> torch.Size:
@@ -68,7 +69,8 @@ class FlatSharding:
         if param not in self.fragments:
             return []
         start, length, _ = self.fragments[param]
-        return [Region.flat(self.rank, 0, spec, start, start + length)]
+        replica = self.rank if self.replicated else 0
+        return [Region.flat(self.rank, replica, spec, start, start + length)]
 
 
 @dataclass
@@ -163,7 +165,7 @@ class DeepSpeedMuon(Optimizer):
             own = self._holds_parameters(gi, group)
             for t in group["params"]:
                 if not own:
-                    sharding = _flat_sharding(t, self._group_params[gi])
+                    sharding = _flat_sharding(t, self._group_params[gi], group)
                     names = dict(zip(self._group_params[gi], self._group_names[gi], strict=True))
                     fragments[index] = {
                         "flat": gi if sharding.index is None else sharding.index,
@@ -198,7 +200,7 @@ class DeepSpeedMuon(Optimizer):
                 flats = list(group["params"])
             by_name = dict(zip(params, names, strict=True))
             for flat in flats:
-                sharding = _flat_sharding(flat, params)
+                sharding = _flat_sharding(flat, params, group)
                 state: dict[str, torch.Tensor] = {}
                 for p, (start, length, offset) in sharding.fragments.items():
                     flat.data.narrow(0, offset, length).copy_(
@@ -239,7 +241,7 @@ class DeepSpeedMuon(Optimizer):
             params, names = [flat], [f"group{gi}.flat"]
             sharding = ReplicatedSharding(_flat_group(self._group_params[gi]))
         else:
-            sharding = _flat_sharding(flat, self._group_params[gi])
+            sharding = _flat_sharding(flat, self._group_params[gi], group)
             order = {p: i for i, p in enumerate(self._group_params[gi])}
             params = sorted(sharding.shapes, key=order.__getitem__)
             names = [self._group_names[gi][order[p]] for p in params]
@@ -305,7 +307,8 @@ def _shape(p: torch.Tensor) -> torch.Size:
     return torch.Size(getattr(p, "ds_shape", p.shape))
 
 
-def _flat_sharding(flat: torch.Tensor, group_params: list[torch.Tensor]) -> FlatSharding:
+def _flat_sharding(flat: torch.Tensor, group_params: list[torch.Tensor],
+                   group_of: dict[str, Any]) -> FlatSharding:
     """Which fragment of which parameter ``flat`` holds, from DeepSpeed's own maps."""
     shapes = {p: _shape(p) for p in group_params}
     z3 = getattr(group_params[0], "_z3_optimizer", None)
@@ -386,6 +389,13 @@ def _calling_engine() -> Any:
 
 
 def _refuse_unsupported(engine: Any) -> None:
+    if engine.bfloat16_enabled() and engine.zero_optimization_stage() == 0:
+        raise ValueError(
+            "DistributedMuon under DeepSpeed supports bf16 with ZeRO stage 1, 2 or 3, not "
+            "without ZeRO (DeepSpeed's unfused bf16 wrapper runs a dummy optimizer step at "
+            "setup): set zero_optimization.stage to 1 (with data_types.grad_accum_dtype "
+            "\"fp32\" for DeepSpeed's BF16_Optimizer)"
+        )
     if engine.fp16_enabled():
         raise ValueError(
             "DistributedMuon under DeepSpeed supports fp32 and bf16, not fp16 (its loss "

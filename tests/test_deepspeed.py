@@ -304,6 +304,7 @@ BAD_CONFIGS = [
     ({"scale": "bogus"}, {}, "scale"),
     ({"plan": "random"}, {}, "plan"),
     ({}, {"fp16": {"enabled": True}}, "fp16"),
+    ({}, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "not without ZeRO"),
     ({}, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
           "zero_force_ds_cpu_optimizer": False}, "offload"),
 ]

@@ -135,12 +135,18 @@ class DeepSpeedMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # DeepSpeed's unfused bf16 wrapper (bf16 without ZeRO) calls step() once at setup
+        # with zero gradients to create state: build the units then, update nothing.
+        setup_only = not self._units and _called_from("FP16_UnfusedOptimizer",
+                                                      "initialize_optimizer_states")
         for group in self.param_groups:
             gi = next(i for i, g in enumerate(self._groups) if g is group)
-            if self._holds_parameters(gi, group):
-                units = [self._unit(gi, None)]  # no ZeRO: the group's own parameters
+            if self._whole(gi):
+                units = [self._unit(gi, None)]  # no ZeRO: whole tensors, replicated
             else:
                 units = [self._unit(gi, flat) for flat in group["params"]]
+            if setup_only:
+                continue
             for unit in units:
                 inner = unit.optimizer.param_groups[0]
                 inner.update({k: v for k, v in group.items() if k not in
@@ -162,9 +168,9 @@ class DeepSpeedMuon(Optimizer):
         out = super().state_dict()
         fragments, index = {}, 0
         for gi, group in enumerate(self.param_groups):
-            own = self._holds_parameters(gi, group)
+            whole = self._whole(gi)
             for t in group["params"]:
-                if not own:
+                if not whole:
                     sharding = _flat_sharding(t, self._group_params[gi], group)
                     names = dict(zip(self._group_params[gi], self._group_names[gi], strict=True))
                     fragments[index] = {
@@ -190,12 +196,12 @@ class DeepSpeedMuon(Optimizer):
             if z3 is not None:
                 flats = [f for s, f in enumerate(z3.fp32_partitioned_groups_flat)
                          if z3.sub_group_to_group_id[s] == gi]
-            elif self._holds_parameters(gi, group):
-                flats = []  # no ZeRO: the parameters hold their own values
-                for p, name in zip(params, names, strict=True):
-                    p.data.copy_(weights[name].view(p.shape))
-                    self.state[p] = {k: v.view(p.shape) if v.ndim else v
-                                     for k, v in states.get(name, {}).items()}
+            elif self._whole(gi):
+                flats = []  # no ZeRO: whole tensors (the parameters or their fp32 copies)
+                for t, name in zip(group["params"], names, strict=True):
+                    t.data.copy_(weights[name].view(t.shape))
+                    _replace_state(self.state[t], {k: v.view(t.shape) if v.ndim else v.clone()
+                                                   for k, v in states.get(name, {}).items()})
             else:
                 flats = list(group["params"])
             by_name = dict(zip(params, names, strict=True))
@@ -213,16 +219,19 @@ class DeepSpeedMuon(Optimizer):
                             state[key] = torch.zeros_like(flat)
                         state[key].narrow(0, offset, length).copy_(
                             value.reshape(-1).narrow(0, start, length))
-                self.state[flat] = state
+                _replace_state(self.state[flat], state)
             _set_low_precision(params, names, weights, z3)
         for (gi, _), unit in self._units.items():
             self._link_state(gi, unit)
 
     # ------------------------------------------------------------------ units
 
-    def _holds_parameters(self, gi: int, group: dict[str, Any]) -> bool:
-        """True when DeepSpeed left the group's own parameters in it (no ZeRO, fp32)."""
-        return bool(group["params"]) and group["params"][0] is self._group_params[gi][0]
+    def _whole(self, gi: int) -> bool:
+        """True without ZeRO: the group holds whole tensors, replicated over data parallel:
+        the parameters themselves (fp32), or DeepSpeed's fp32 copies of them, in order (bf16).
+        Under ZeRO, DeepSpeed tags the parameters with their partition maps."""
+        p = self._group_params[gi][0]
+        return not hasattr(p, "_hp_mapping") and not hasattr(p, "_z3_optimizer")
 
     def _unit(self, gi: int, flat: torch.Tensor | None) -> _Unit:
         key = (gi, id(flat) if flat is not None else -1)
@@ -234,7 +243,7 @@ class DeepSpeedMuon(Optimizer):
         group = self._groups[gi]
         options = {k: v for k, v in group.items() if k not in ("params", *_DEEPSPEED_KEYS)}
         if flat is None:
-            params, names = self._group_params[gi], self._group_names[gi]
+            params, names = list(group["params"]), self._group_names[gi]
             sharding: Sharding = ReplicatedSharding(_zero0_group(group))
         elif not group["use_muon"]:
             # AdamW is elementwise: the flat partition itself is the parameter.
@@ -265,6 +274,20 @@ class DeepSpeedMuon(Optimizer):
         buf = state["momentum_buffer"]
         for p, (_, length, offset) in unit.sharding.fragments.items():
             inner.state[p] = {"momentum_buffer": buf.narrow(0, offset, length)}
+
+
+def _replace_state(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """``old`` becomes ``new``, copying into tensors of the same shape: DeepSpeed keeps views of
+    the optimizer state (``_hp_mapping.optim_fragment``) that must stay valid."""
+    for key in list(old):
+        if key not in new:
+            del old[key]
+    for key, value in new.items():
+        mine = old.get(key)
+        if isinstance(mine, torch.Tensor) and mine.shape == value.shape:
+            mine.copy_(value)
+        else:
+            old[key] = value
 
 
 def _split_groups(params: Iterable[Any], defaults: dict[str, Any], names: dict[torch.Tensor, str]
@@ -388,14 +411,18 @@ def _calling_engine() -> Any:
     return None
 
 
+def _called_from(cls_name: str, function: str) -> bool:
+    """True when a caller is method ``function`` of an object of class ``cls_name``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == function and \
+                type(frame.f_locals.get("self")).__name__ == cls_name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _refuse_unsupported(engine: Any) -> None:
-    if engine.bfloat16_enabled() and engine.zero_optimization_stage() == 0:
-        raise ValueError(
-            "DistributedMuon under DeepSpeed supports bf16 with ZeRO stage 1, 2 or 3, not "
-            "without ZeRO (DeepSpeed's unfused bf16 wrapper runs a dummy optimizer step at "
-            "setup): set zero_optimization.stage to 1 (with data_types.grad_accum_dtype "
-            "\"fp32\" for DeepSpeed's BF16_Optimizer)"
-        )
     if engine.fp16_enabled():
         raise ValueError(
             "DistributedMuon under DeepSpeed supports fp32 and bf16, not fp16 (its loss "

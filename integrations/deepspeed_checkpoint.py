@@ -67,9 +67,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path,
         if progress:
             progress(f"reading rank {rank + 1}/{len(files)}: {path.name}")
         sd = _read_rank_file(path)
-        stage = int(sd["zero_stage"])
-        inner = sd["optimizer_state_dict"] if stage == 3 else sd["base_optimizer_state"]
-        fp32 = sd["fp32_flat_groups"] if stage == 3 else sd["single_partition_of_fp32_groups"]
+        if "fp32_flat_groups" in sd:  # ZeRO-3
+            inner, fp32 = sd["optimizer_state_dict"], sd["fp32_flat_groups"]
+        else:  # ZeRO-1/2 and BF16_Optimizer (whose files carry no zero_stage)
+            inner, fp32 = sd["base_optimizer_state"], sd["single_partition_of_fp32_groups"]
+        stage = int(sd.get("zero_stage", 1))
         if not isinstance(inner, dict) or "dmuon_fragments" not in inner:
             raise ValueError(f"{path} was not saved by DistributedMuon's DeepSpeed optimizer "
                              "(no fragment map): only its checkpoints can be converted")

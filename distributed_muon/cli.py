@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=16, help="global sequences per step")
     train.add_argument("--eval-every", type=int, default=50)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--zero-stage", type=int,
+                       help="ZeRO stage for --backend deepspeed (0-3, default 2)")
     train.set_defaults(func=_train)
     slurm = sub.add_parser(
         "slurm", help="render an sbatch script for a multi-node `dmuon train` job",

@@ -307,6 +307,8 @@ def _split_groups(params: Iterable[Any], defaults: dict[str, Any], names: dict[t
         plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
         group = {k: v for k, v in group.items() if k != "param_names"}
         given = groups[gi].get("param_names")
+        if plist and isinstance(plist[0], tuple):  # named parameters (`muon_param_groups`)
+            given, plist = [n for n, _ in plist], [p for _, p in plist]
         pnames = list(given) if given else [names.get(p, f"group{gi}.{i}")
                                             for i, p in enumerate(plist)]
         parts: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}

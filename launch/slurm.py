@@ -7,7 +7,7 @@ Launch styles (templates in ``launch/templates/``):
 - ``srun``: one ``srun`` task per rank; `dmuon train` reads ``SLURM_PROCID``, ``SLURM_NTASKS``
   and ``SLURM_LOCALID`` itself (CPU clusters, or where torchrun is not wanted).
 - ``deepspeed``: one ``srun`` task per rank with DeepSpeed's environment (``--backend
-  deepspeed``; available once the DeepSpeed integration lands).
+  deepspeed``).
 - ``megatron``: a documented placeholder until the Megatron integration lands.
 """
 

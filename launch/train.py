@@ -62,16 +62,22 @@ class TrainConfig:
     eval_batches: int = 8
     warmup: int = 20
     device: str = "auto"
+    zero_stage: int | None = None  # --backend deepspeed only (default 2)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend {self.backend!r}: use one of {BACKENDS}")
+        if self.zero_stage is not None and self.backend != "deepspeed":
+            raise ValueError("--zero-stage applies to --backend deepspeed only")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"--zero-stage {self.zero_stage}: use 0, 1, 2 or 3")
         if self.backend == "deepspeed":
-            raise ValueError(
-                "--backend deepspeed is not available yet: it arrives with the DeepSpeed "
-                "integration; use --backend fsdp2 or ddp"
-            )
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError as err:
+                raise ValueError("--backend deepspeed needs DeepSpeed: pip install "
+                                 f"'distributed-muon[deepspeed]' ({err})") from None
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
         if self.steps < 1 or self.batch < 1 or self.nproc < 1:
@@ -131,9 +137,14 @@ class Trainer:
         self.corpus = load_corpus()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = TinyMoE(cfg.model).to(device)
-        self.model = self._wrap(model)
-        self.opt = self._optimizer()
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.engine = None  # the DeepSpeed engine, which then steps optimizer and schedule
+        if cfg.backend == "deepspeed":
+            self.engine, self.opt, self.sched = self._deepspeed(model)
+            self.model: nn.Module = self.engine
+        else:
+            self.model = self._wrap(model)
+            self.opt = self._optimizer()
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.step = 0
         self.elapsed = 0.0
         self.tokens_per_step = cfg.batch * cfg.model.seq
@@ -159,6 +170,37 @@ class Trainer:
                                    ns_dtype=ns_dtype)
         return torch.optim.AdamW(target.parameters(), lr=self.lr, betas=(0.9, 0.95),
                                  weight_decay=self.cfg.weight_decay)
+
+    def _deepspeed(self, model: nn.Module) -> tuple:
+        """A DeepSpeed engine from a JSON-style config, as a DeepSpeed user writes it."""
+        import deepspeed
+        import distributed_muon.integrations.deepspeed  # noqa: F401  (registers the type)
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        if self.cfg.optimizer == "muon":
+            params = muon_param_groups(model, **model.param_groups_spec())
+            ns_dtype = "bf16" if self.device.type == "cuda" else "fp32"
+            block = {"type": "DistributedMuon", "params": {
+                "lr": self.lr, "weight_decay": self.cfg.weight_decay, "ns_dtype": ns_dtype}}
+        else:
+            params = model.parameters()
+            block = {"type": "AdamW", "params": {
+                "lr": self.lr, "betas": [0.9, 0.95], "weight_decay": self.cfg.weight_decay,
+                "torch_adam": True}}
+        config = {
+            "train_batch_size": self.cfg.batch,
+            "train_micro_batch_size_per_gpu": self.cfg.batch // self.world,
+            "gradient_accumulation_steps": 1,
+            "optimizer": block,
+            "zero_optimization": {"stage": 2 if self.cfg.zero_stage is None
+                                  else self.cfg.zero_stage},
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        }
+        engine, opt, _, sched = deepspeed.initialize(
+            model=model, model_parameters=params, config=config,
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor))
+        return engine, opt, sched
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to 10% of the peak."""
@@ -202,8 +244,9 @@ class Trainer:
             metrics.reset()
         self._record_ranks()
         bar = Progress(cfg.steps, self.rank == 0)
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         bar.note(f"{cfg.optimizer} on {self.world} ranks ({cfg.backend}, {self.device.type}), "
-                 f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                 f"{numel / 1e6:.2f}M parameters, "
                  f"corpus {self.corpus.train.numel() / 1e6:.1f} MB train / "
                  f"{self.corpus.val.numel() / 1e6:.1f} MB validation"
                  + (f", resumed at step {self.step}" if self.step else ""))
@@ -213,10 +256,14 @@ class Trainer:
             start = time.perf_counter()
             x, y = self._local(self.corpus.train, cfg.seed, self.step, cfg.batch)
             ce, loss = self.model(x, y)
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+            if self.engine is not None:
+                self.engine.backward(loss)
+                self.engine.step()  # optimizer, zero_grad and LR schedule
+            else:
+                loss.backward()
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.sched.step()
             stats = torch.stack([ce.detach(), loss.detach()])
             dist.all_reduce(stats)
             stats /= self.world
@@ -267,6 +314,11 @@ class Trainer:
 
     def _save(self) -> None:
         ckpt = self.out / "ckpt"
+        if self.engine is not None:
+            # DeepSpeed's own format (its `latest` file is written after the tag folder).
+            self.engine.save_checkpoint(str(ckpt), tag=f"step_{self.step:07d}", client_state={
+                "step": self.step, "elapsed": self.elapsed, "seed": self.cfg.seed})
+            return
         final = ckpt / f"step_{self.step:07d}"
         tmp = ckpt / f"step_{self.step:07d}.tmp"
         if self.rank == 0:
@@ -292,6 +344,11 @@ class Trainer:
         if not latest.exists():
             raise FileNotFoundError(
                 f"--resume: no checkpoint in {latest.parent} (train with --save-every N first)")
+        if self.engine is not None:
+            _, client = self.engine.load_checkpoint(str(latest.parent))
+            self._check_seed(client["seed"])
+            self.step, self.elapsed = client["step"], client["elapsed"]
+            return
         path = str(latest.parent / latest.read_text().strip())
         state = self._state()
         if isinstance(self.opt, DistributedMuon):
@@ -301,15 +358,19 @@ class Trainer:
             dcp.load(state, checkpoint_id=path, planner=checkpoint.WeightsOnlyLoadPlanner())
             set_optimizer_state_dict(self.model, self.opt, state["optim"])
         set_model_state_dict(self.model, state["model"])
-        if int(state["train"]["seed"]) != self.cfg.seed:
-            raise ValueError(f"--resume: the checkpoint was trained with --seed "
-                             f"{int(state['train']['seed'])}, not {self.cfg.seed}")
+        self._check_seed(int(state["train"]["seed"]))
         self.step = int(state["train"]["step"])
         self.elapsed = float(state["train"]["elapsed"])
         self.sched.last_epoch = self.step - 1
         with warnings.catch_warnings():  # stepping a scheduler before the optimizer: intended
             warnings.simplefilter("ignore")
             self.sched.step()  # lr of the resumed step
+
+
+    def _check_seed(self, seed: int) -> None:
+        if seed != self.cfg.seed:
+            raise ValueError(f"--resume: the checkpoint was trained with --seed {seed}, "
+                             f"not {self.cfg.seed}")
 
 
 # ------------------------------------------------------------------------ reporting

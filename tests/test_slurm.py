@@ -65,12 +65,13 @@ def test_cli_renders_and_refuses_bad_input(tmp_path):
     assert bad.returncode == 2 and "torchrun needs" in bad.stderr
 
 
-def _submit(tmp_path: Path, name: str, train_args: list[str]) -> str:
+def _submit(tmp_path: Path, name: str, train_args: list[str], style: str = "srun") -> str:
+    backend = ["--backend", "ddp"] if style == "srun" else []  # the deepspeed style sets it
     script = tmp_path / f"{name}.sbatch"
     script.write_text(render(SlurmConfig(
-        nodes=2, gpus_per_node=0, tasks_per_node=1, style="srun", job_name=name,
+        nodes=2, gpus_per_node=0, tasks_per_node=1, style=style, job_name=name,
         port=free_port(), python=sys.executable, time="00:15:00",
-        train_args=["--backend", "ddp", "--device", "cpu", *train_args])))
+        train_args=[*backend, "--device", "cpu", *train_args])))
     out = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
@@ -114,6 +115,23 @@ def test_sbatch_train_across_two_nodes(tmp_path):
     assert {r["node"] for r in ranks["ranks"]} == set(NODES[:2])  # ... across both nodes
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 16 and records[-1]["loss"] < records[0]["loss"]
+
+
+@needs_cluster
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("deepspeed_comm_op")
+def test_sbatch_deepspeed_job_across_two_nodes(tmp_path):
+    """The deepspeed style: one srun task per rank, a ZeRO-3 engine with DistributedMuon."""
+    out = tmp_path / "run"
+    job = _submit(tmp_path, "ds", ["--steps", "8", "--eval-every", "4", "--zero-stage", "3",
+                                   "--out", str(out)], style="deepspeed")
+    state = _wait(job)
+    assert state == "COMPLETED", _log(tmp_path, "ds", job)
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world"] == 2 and {r["node"] for r in ranks["ranks"]} == set(NODES[:2])
+    assert "(deepspeed, cpu)" in _log(tmp_path, "ds", job)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and records[-1]["loss"] < records[0]["loss"]
 
 
 @needs_cluster

@@ -44,7 +44,8 @@ def test_short_run_writes_everything(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--backend", "megatron"], "--backend"),
-    (["--backend", "deepspeed"], "deepspeed is not available yet"),
+    (["--zero-stage", "2"], "--backend deepspeed only"),
+    (["--backend", "deepspeed", "--zero-stage", "4"], "--zero-stage 4"),
     (["--optimizer", "sgd"], "--optimizer"),
     (["--steps", "0"], "must be positive"),
 ])
@@ -111,3 +112,20 @@ def test_compare_plots_both(tmp_path):
 def test_config_validation():
     with pytest.raises(ValueError, match="--save-every"):
         TrainConfig(save_every=-1).validate()
+
+
+@pytest.mark.usefixtures("deepspeed_comm_op")
+def test_deepspeed_backend_matches_fsdp2_and_resumes(tmp_path):
+    """`--backend deepspeed` (ZeRO-3, "type": "DistributedMuon") trains like FSDP2 on the same
+    data, and a resume from its own DeepSpeed checkpoint repeats the steps exactly."""
+    ds, fsdp = tmp_path / "ds", tmp_path / "fsdp"
+    flags = ("--steps", "8", "--eval-every", "4")
+    train(ds, *flags, "--backend", "deepspeed", "--zero-stage", "3", "--save-every", "4")
+    uninterrupted = metrics(ds)
+    assert (ds / "ckpt" / "latest").read_text().strip() == "step_0000004"
+    proc = train(ds, *flags, "--backend", "deepspeed", "--zero-stage", "3", "--resume")
+    assert "resumed at step 4" in proc.stdout
+    assert metrics(ds) == [{**r, "time": m["time"]} for r, m in zip(uninterrupted, metrics(ds))]
+    train(fsdp, *flags, "--backend", "fsdp2")
+    for a, b in zip(uninterrupted, metrics(fsdp), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(b["loss"]), (a, b)

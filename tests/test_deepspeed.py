@@ -81,6 +81,7 @@ def _config(stage: int, world: int, gas: int = 1, bf16: bool = False, **extra) -
 
 
 def _init_env(rank: int, world: int) -> None:
+    """DeepSpeed on the process group the test harness made (gloo, or NCCL on GPUs)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -88,7 +89,7 @@ def _init_env(rank: int, world: int) -> None:
     import deepspeed as ds
     import distributed_muon.integrations.deepspeed  # noqa: F401  (registers the type)
 
-    ds.init_distributed(dist_backend="gloo")
+    ds.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def _full_fp32(engine, model: nn.Module, stage: int) -> list[torch.Tensor]:
@@ -97,7 +98,7 @@ def _full_fp32(engine, model: nn.Module, stage: int) -> list[torch.Tensor]:
     out = []
     for p in model.parameters():
         full = p if stage == 0 and not engine.bfloat16_enabled() else safe_get_full_fp32_param(p)
-        out.append(full.detach().float().clone())
+        out.append(full.detach().float().cpu().clone())
     return out
 
 
@@ -111,7 +112,7 @@ def _train(rank, world, cfg, steps, moe=False, ckpt=None):
     history, losses = [], []
     for step in range(steps):
         for micro in range(gas):
-            loss = engine(data[step, rank, micro])
+            loss = engine(data[step, rank, micro].to(engine.device))
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))

@@ -54,3 +54,22 @@ def test_nccl_fsdp2_matches_one_process():
     for rank, got in enumerate(run_ranks(world, _nccl_worker, backend="nccl", timeout=300)):
         for x, want, p0 in zip(got, expected, params):
             assert rel(x - p0, want - p0) < 1e-4, rank
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_zero_on_gpus_matches_one_process(stage):
+    """Real DeepSpeed engines on 2 GPUs with NCCL, "type": "DistributedMuon", fp32: the same
+    updates as one CPU process with the whole batch, each matrix orthogonalized once."""
+    pytest.importorskip("deepspeed")
+    from test_deepspeed import MUON_MATRICES, _config, _model, _reference, _train
+
+    steps = 3
+    results = run_ranks(2, _train, _config(stage, 2), steps, timeout=300, backend="nccl")
+    reference = _reference(2, steps)
+    initial = [p.detach() for p in _model().parameters()]
+    for r in results:
+        for got, want in zip(r["history"], reference):
+            for g, w, p0 in zip(got, want, initial):
+                assert rel(g - p0, w - p0) < 1e-4
+    assert sum(r["ns"] for r in results) == MUON_MATRICES * steps

@@ -31,6 +31,7 @@ from distributed_muon.layout import Region, Sharding
 from distributed_muon.optimizer import DistributedMuon, group_defaults, validate_group
 from distributed_muon.options import DTypeLike, parse_dtype
 from distributed_muon.params import MatrixSpec, default_use_muon
+from distributed_muon.plan import STRATEGIES
 
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
@@ -96,8 +97,8 @@ class DeepSpeedMuon(Optimizer):
                  plan: str = "lpt", **options: Any) -> None:
         defaults = group_defaults(**options)
         self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
-        if plan not in ("lpt", "round_robin"):
-            raise ValueError(f"plan={plan!r} is not valid: use 'lpt' or 'round_robin'")
+        if plan not in STRATEGIES:
+            raise ValueError(f"plan={plan!r} is not valid: use one of {STRATEGIES}")
         self.plan = plan
         engine = _calling_engine()
         if engine is not None:

@@ -7,7 +7,11 @@ process running the core `DistributedMuon` on the whole global batch.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from torch import nn
 deepspeed = pytest.importorskip("deepspeed")
 
 from distributed_muon.integrations.replicated import ReplicatedSharding  # noqa: E402
+from distributed_muon.launch.local import free_port  # noqa: E402
 
 from distributed_muon import DistributedMuon  # noqa: E402
 
@@ -434,3 +439,47 @@ def test_ckpt_refuses_what_it_cannot_convert(tmp_path, capsys):
     assert "no DeepSpeed ZeRO optimizer files" in capsys.readouterr().err
     assert main(["ckpt", str(tmp_path), str(tmp_path)]) == 2  # output exists
     assert "exists" in capsys.readouterr().err
+
+
+LAUNCHED_SCRIPT = '''
+import argparse, json
+import deepspeed, torch
+from torch import nn
+import distributed_muon.integrations.deepspeed  # the one added line
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--out")
+args = deepspeed.add_config_arguments(parser).parse_args()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 8))
+engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model,
+                                               model_parameters=model.parameters())
+x, y = torch.randn(4, 16), torch.randn(4, 8)
+losses = []
+for _ in range(5):
+    loss = nn.functional.mse_loss(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+json.dump({"losses": losses, "world": engine.world_size,
+           "ns": optimizer.optimizer.ns_matrices}, open(f"{args.out}.{engine.global_rank}", "w"))
+'''
+
+
+def test_deepspeed_launcher_runs_a_plain_script(tmp_path):
+    """The `deepspeed` launcher, a script that only adds the import, the type in the JSON."""
+    (tmp_path / "train.py").write_text(LAUNCHED_SCRIPT)
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "DistributedMuon", "params": {"lr": 0.02, "ns_dtype": "fp32"}}}))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
+         "--deepspeed", "--deepspeed_config", "ds.json", "--out", "result"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["world"] == 2 and r["losses"][-1] < r["losses"][0]
+    assert sum(r["ns"] for r in ranks) == 2 * 5  # two matrices, five steps, once each

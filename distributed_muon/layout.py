@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -244,23 +243,3 @@ def _check_tiling(mat: LogicalMatrix, pieces: list[Piece], spec: MatrixSpec) -> 
                 f"elements, {int((count > 1).sum())} more than once: the sharding adapter "
                 "described the parameter wrongly"
             )
-
-
-class Sharding(Protocol):
-    """How a framework stores parameters on this rank: the one thing an adapter provides.
-
-    ``group`` is the process group the exchange runs over (None: one process). ``shape`` is a
-    parameter's global (logical) shape. ``local`` and ``local_grad`` return this rank's
-    contiguous storage of a parameter and of its gradient (same shape); ``regions`` says which
-    values of the parameter that storage holds.
-    """
-
-    group: dist.ProcessGroup | None
-
-    def shape(self, param: torch.Tensor) -> torch.Size: ...
-
-    def local(self, param: torch.Tensor) -> torch.Tensor: ...
-
-    def local_grad(self, param: torch.Tensor) -> torch.Tensor | None: ...
-
-    def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]: ...

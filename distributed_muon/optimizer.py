@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from distributed_muon.exchange import Exchange
-from distributed_muon.layout import Sharding, ShardLayout
+from distributed_muon.layout import ShardLayout
 from distributed_muon.options import (
     MOMENTUM_FORMS,
     DTypeLike,
@@ -33,6 +33,7 @@ from distributed_muon.orthogonalize import orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan, ns_flops
 from distributed_muon.scale import SCALE_MODES, shape_scale
+from distributed_muon.sharding import Sharding, infer_sharding
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class DistributedMuon(Optimizer):
         self._built = False
         super().__init__(params, defaults)
         if sharding is None:
-            from distributed_muon.integrations import infer_sharding
-
             all_params = [p for g in self.param_groups for p in g["params"]]
             sharding = infer_sharding(all_params, process_group)
         self.sharding = sharding

@@ -27,11 +27,12 @@ import torch.distributed as dist
 from distributed_muon.integrations.replicated import ReplicatedSharding
 from torch.optim import Optimizer
 
-from distributed_muon.layout import Region, Sharding
+from distributed_muon.layout import Region
 from distributed_muon.optimizer import DistributedMuon, group_defaults, validate_group
 from distributed_muon.options import DTypeLike, parse_dtype
 from distributed_muon.params import MatrixSpec, default_use_muon
 from distributed_muon.plan import STRATEGIES
+from distributed_muon.sharding import Sharding
 
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")

@@ -137,3 +137,12 @@ class DTensorSharding:
                    per_expert, e * per_expert)
             for e in range(param.shape[0])
         ]
+
+
+def recognize(
+    params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None
+) -> DTensorSharding | None:
+    """`DTensorSharding` when any parameter is a DTensor (FSDP2, HSDP), else None."""
+    if any(isinstance(p, DTensor) for p in params):
+        return DTensorSharding(params, process_group)
+    return None

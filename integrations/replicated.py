@@ -7,11 +7,14 @@ every other rank (like an all-gather of updates).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from distributed_muon.layout import Region
 from distributed_muon.params import MatrixSpec
+from distributed_muon.sharding import PRIORITY_FALLBACK
 
 
 class ReplicatedSharding:
@@ -35,3 +38,18 @@ class ReplicatedSharding:
 
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
         return [Region.flat(self.rank, self.rank, spec, 0, param.numel())]
+
+
+def recognize(
+    params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None
+) -> ReplicatedSharding:
+    """The fallback recognizer: any parameters, replicated over ``process_group`` (default:
+    the world when torch.distributed is initialized), as under DDP."""
+    if process_group is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    if process_group is not None and dist.get_world_size(process_group) == 1:
+        process_group = None
+    return ReplicatedSharding(process_group)
+
+
+recognize.priority = PRIORITY_FALLBACK  # claims everything: asked after every other adapter

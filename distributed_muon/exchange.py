@@ -70,9 +70,8 @@ class _Route:
 class Exchange:
     """Routes between this rank's local pieces and the whole matrices it owns.
 
-    ``local_numel[p]`` and ``local_shapes[p]`` describe this rank's storage of Muon parameter
-    ``p``. With ``group=None`` (one process) no collective runs and send buffers double as
-    receive buffers.
+    ``local_shapes[p]`` is the shape of this rank's storage of Muon parameter ``p``. With
+    ``group=None`` (one process) no collective runs and send buffers double as receive buffers.
     """
 
     def __init__(
@@ -132,7 +131,7 @@ class Exchange:
                                      base_of[pc.matrix] + seg.matrix_offset),
                     flat.narrow(0, seg.value_offset, math.prod(seg.size)).view(seg.size),
                 )
-                for seg in pc.segments(n)
+                for seg in pc.block.segments(n)
             ]
 
         # Per peer, pieces in matrix order (then layout order): the order both ends agree on.

@@ -160,9 +160,7 @@ class DistributedMuon(Optimizer):
         for t in locals_:
             local_dtype = torch.promote_types(local_dtype, t.dtype)
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
-        self.layout = ShardLayout.gather(
-            specs, keys, regions, [t.numel() for t in locals_], self.sharding.group
-        )
+        self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
         key_options = {k: dict(zip(_NS_OPTIONS, k, strict=True)) for k in keys}
         costs = [ns_flops(m.m, m.n, key_options[m.key]["ns_steps"]) for m in self.layout.matrices]
         self.plan = OwnershipPlan.build(self.layout, costs, strategy)

@@ -72,7 +72,8 @@ class FlatSharding:
             return []
         start, length, _ = self.fragments[param]
         replica = self.rank if self.replicated else 0
-        return [Region.flat(self.rank, replica, spec, start, start + length)]
+        return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=start,
+                            stop=start + length)]
 
 
 @dataclass

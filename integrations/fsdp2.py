@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from distributed_muon.layout import Region
+from distributed_muon.layout import Block, Region
 from distributed_muon.params import MatrixSpec
 
 
@@ -101,7 +101,8 @@ class DTensorSharding:
 
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
         if not isinstance(param, DTensor):  # replicated over the whole group
-            return [Region.flat(self.rank, self.rank, spec, 0, param.numel())]
+            return [Region.flat(rank=self.rank, replica=self.rank, spec=spec, start=0,
+                                stop=param.numel())]
         replica, shard = 0, None
         for dim, placement in enumerate(param.placements):
             size, coord = self.mesh.size(dim), self.coords[dim]
@@ -111,7 +112,8 @@ class DTensorSharding:
                 shard = (placement.dim, size, coord)
         local_shape = tuple(param.to_local().shape)
         if shard is None:
-            return [Region.flat(self.rank, replica, spec, 0, param.numel())]
+            return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=0,
+                                stop=param.numel())]
         dim, parts, index = shard
         start, stop = _chunk(param.shape[dim], parts, index)
         expected = list(param.shape)
@@ -123,18 +125,21 @@ class DTensorSharding:
             )
         if dim == 0:
             inner = math.prod(param.shape[1:])
-            return [Region.flat(self.rank, replica, spec, start * inner, stop * inner)]
+            return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=start * inner,
+                                stop=stop * inner)]
         if param.ndim == 2:  # a column block [start, stop) of the whole matrix
-            return [Region(self.rank, replica, 0, spec.rows, start, stop, 0,
-                           spec.rows * (stop - start), 0)]
+            block = Block(row0=0, row1=spec.rows, col0=start, col1=stop, start=0,
+                          stop=spec.rows * (stop - start))
+            return [Region(rank=self.rank, replica=replica, block=block)]
         if spec.experts != param.shape[0]:
             raise ValueError("Shard(1) of a 3-D parameter needs matrix_view='experts'")
         # [E, m, n] with Shard(1): rows [start, stop) of every expert, experts back to back.
         n = param.shape[2]
         per_expert = (stop - start) * n
         return [
-            Region(self.rank, replica, e * spec.rows + start, e * spec.rows + stop, 0, n, 0,
-                   per_expert, e * per_expert)
+            Region(rank=self.rank, replica=replica, offset=e * per_expert,
+                   block=Block(row0=e * spec.rows + start, row1=e * spec.rows + stop, col0=0,
+                               col1=n, start=0, stop=per_expert))
             for e in range(param.shape[0])
         ]
 

@@ -37,7 +37,8 @@ class ReplicatedSharding:
         return param.grad
 
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
-        return [Region.flat(self.rank, self.rank, spec, 0, param.numel())]
+        return [Region.flat(rank=self.rank, replica=self.rank, spec=spec, start=0,
+                            stop=param.numel())]
 
 
 def recognize(

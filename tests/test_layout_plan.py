@@ -6,9 +6,14 @@ import pytest
 import torch
 from distributed_muon.integrations.fsdp2 import _chunk
 
-from distributed_muon.layout import LayoutError, Piece, Region, ShardLayout
+from distributed_muon.layout import Block, LayoutError, Region, ShardLayout
 from distributed_muon.params import MatrixSpec
 from distributed_muon.plan import OwnershipPlan, ns_flops
+
+
+def flat(rank, spec, start, stop):
+    """A flat range of the whole parameter, rank ``rank`` of one replica."""
+    return Region.flat(rank=rank, replica=0, spec=spec, start=start, stop=stop)
 
 
 def fsdp_layout(shapes, world, row_blocks=None):
@@ -20,42 +25,41 @@ def fsdp_layout(shapes, world, row_blocks=None):
         for spec in specs:
             lo, hi = _chunk(spec.shape[0], world, rank)
             inner = spec.experts * spec.rows * spec.cols // spec.shape[0]
-            per_param.append([Region.flat(rank, 0, spec, lo * inner, hi * inner)] if hi > lo
-                             else [])
+            per_param.append([flat(rank, spec, lo * inner, hi * inner)] if hi > lo else [])
         regions.append(per_param)
-    local = [sum(r.stop - r.start for r in regs) for regs in regions[0]]
-    return ShardLayout(specs, ["k"] * len(specs), regions, world, 0, local)
+    return ShardLayout(specs, ["k"] * len(specs), regions, world, 0)
 
 
 def test_pieces_cut_rows_experts_and_blocks():
     # 33 rows over 4 ranks: 9, 9, 9, 6.
     lay = fsdp_layout([(33, 16)], 4)
     # (A flat range of the whole matrix: the block is the matrix, the range picks the rows.)
-    assert [(p.rank, p.start, p.stop) for p in lay.pieces[0]] == [
+    assert [(p.rank, p.block.start, p.block.stop) for p in lay.pieces[0]] == [
         (0, 0, 144), (1, 144, 288), (2, 288, 432), (3, 432, 528)]
     # 3 experts over 2 ranks: rank 0 holds experts 0-1, rank 1 expert 2.
     lay = fsdp_layout([(3, 4, 5)], 2)
     assert [[p.rank for p in pcs] for pcs in lay.pieces] == [[0], [0], [1]]
     # A fused (8, 4, 4) x 6 weight over 2 ranks: the cut at row 8 falls between blocks.
     lay = fsdp_layout([(16, 6)], 2, row_blocks={0: (8, 4, 4)})
-    assert [[(p.rank, p.start, p.stop, p.offset) for p in pcs] for pcs in lay.pieces] == [
+    assert [[(p.rank, p.block.start, p.block.stop, p.offset) for p in pcs]
+            for pcs in lay.pieces] == [
         [(0, 0, 48, 0)], [(1, 0, 24, 0)], [(1, 0, 24, 24)]]
 
 
 def test_flat_partition_straddles_rows_and_matrices():
     # A ZeRO-style flat split of two experts (2 x 3 x 4 = 24 values) at offsets 0/10/24.
     spec = MatrixSpec.of((2, 3, 4))
-    regions = [[[Region.flat(0, 0, spec, 0, 10)]], [[Region.flat(1, 0, spec, 10, 24)]]]
-    lay = ShardLayout([spec], ["k"], regions, 2, 0, [10])
+    regions = [[[flat(0, spec, 0, 10)]], [[flat(1, spec, 10, 24)]]]
+    lay = ShardLayout([spec], ["k"], regions, 2, 0)
     first, second = lay.pieces
-    assert [(p.rank, p.start, p.stop, p.offset) for p in first] == [(0, 0, 10, 0), (1, 10, 12, 0)]
-    assert [(p.rank, p.start, p.stop, p.offset) for p in second] == [(1, 0, 12, 2)]
+    assert [(p.rank, p.block.start, p.block.stop, p.offset) for p in first] == [
+        (0, 0, 10, 0), (1, 10, 12, 0)]
+    assert [(p.rank, p.block.start, p.block.stop, p.offset) for p in second] == [(1, 0, 12, 2)]
 
 
 def test_column_block_segments():
     # Values 2..9 of a 3 x 4 column block (cols 2..6) of a 3 x 8 matrix.
-    pc = Piece(0, 0, 0, 0, 0, 3, 2, 6, 2, 10, 0)
-    segs = pc.segments(8)
+    segs = Block(row0=0, row1=3, col0=2, col1=6, start=2, stop=10).segments(8)
     assert [(s.value_offset, s.size, s.matrix_offset) for s in segs] == [
         (0, (1, 2), 4), (2, (1, 4), 10), (6, (1, 2), 18)]
     m = torch.arange(24).view(3, 8)
@@ -65,22 +69,25 @@ def test_column_block_segments():
 
 
 def test_region_intervals_in_global_order():
-    reg = Region(0, 0, 0, 3, 2, 6, 2, 10, 5)
+    block = Block(row0=0, row1=3, col0=2, col1=6, start=2, stop=10)
+    reg = Region(rank=0, replica=0, block=block, offset=5)
     assert reg.intervals(8) == [(4, 2, 5), (10, 4, 7), (18, 2, 11)]
-    assert Region.flat(0, 0, MatrixSpec.of((4, 5)), 3, 17).intervals(5) == [(3, 14, 0)]
+    assert flat(0, MatrixSpec.of((4, 5)), 3, 17).intervals(5) == [(3, 14, 0)]
 
 
 def test_tiling_errors_are_caught():
     spec = MatrixSpec.of((4, 4))
-    gap = [[[Region.flat(0, 0, spec, 0, 6)]], [[Region.flat(1, 0, spec, 8, 16)]]]
+    gap = [[[flat(0, spec, 0, 6)]], [[flat(1, spec, 8, 16)]]]
     with pytest.raises(LayoutError, match="cover 14 of 16"):
-        ShardLayout([spec], ["k"], gap, 2, 0, [6])
-    overlap = [[[Region.flat(0, 0, spec, 0, 10)]], [[Region.flat(1, 0, spec, 6, 16)]]]
+        ShardLayout([spec], ["k"], gap, 2, 0)
+    overlap = [[[flat(0, spec, 0, 10)]], [[flat(1, spec, 6, 16)]]]
     with pytest.raises(LayoutError, match="more than once"):
-        ShardLayout([spec], ["k"], overlap, 2, 0, [10])
-    cols = [[[Region(0, 0, 0, 4, 0, 2, 0, 8, 0)]], [[Region(1, 0, 0, 4, 1, 4, 0, 12, 0)]]]
+        ShardLayout([spec], ["k"], overlap, 2, 0)
+    left = Block(row0=0, row1=4, col0=0, col1=2, start=0, stop=8)
+    right = Block(row0=0, row1=4, col0=1, col1=4, start=0, stop=12)  # column 1 twice
+    cols = [[[Region(rank=0, replica=0, block=left)]], [[Region(rank=1, replica=0, block=right)]]]
     with pytest.raises(LayoutError, match="more than once"):
-        ShardLayout([spec], ["k"], cols, 2, 0, [8])
+        ShardLayout([spec], ["k"], cols, 2, 0)
 
 
 def transformer(d=512, layers=4, experts=8):

@@ -24,17 +24,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
-from distributed_muon.optimizer import _NS_OPTIONS, DistributedMuon
+from distributed_muon.optimizer import STRUCTURAL_OPTIONS, DistributedMuon
 from distributed_muon.params import MatrixSpec
 
 _PREFIX = "dmuon/"
 _META = _PREFIX + "meta"
 _RUN = re.compile(r"^dmuon/(?P<param>.+)/(?P<state>[^/@]+)@(?P<offset>\d+)$")
 _FORMAT = 1
-
-
-# Group keys that shape the layout and batching: a checkpoint must agree on them.
-_STRUCTURE = (*_NS_OPTIONS, "use_muon", "row_blocks", "matrix_view")
 
 
 class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
@@ -51,7 +47,7 @@ class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
 
 def _entries(opt: DistributedMuon) -> list[tuple[str, torch.Tensor, MatrixSpec]]:
     """(name, parameter, spec of its [rows, cols] view) for every parameter, in group order."""
-    muon_specs = {id(p): s for p, s in zip(opt._muon, opt.layout.specs, strict=True)}
+    muon_specs = {id(p): s for p, s in zip(opt.muon_params, opt.layout.specs, strict=True)}
     out = []
     for gi, group in enumerate(opt.param_groups):
         names = group.get("param_names") or [f"{gi}.{i}" for i in range(len(group["params"]))]
@@ -126,7 +122,7 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
     for gi, (options, saved) in enumerate(
         zip(opt.param_groups, meta["param_groups"], strict=True)
     ):
-        for key in _STRUCTURE:
+        for key in STRUCTURAL_OPTIONS:
             if options[key] != saved[key]:
                 raise ValueError(
                     f"{checkpoint_id} was saved with {key}={saved[key]!r} in param group {gi}, "

@@ -10,7 +10,8 @@ Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dty
 - ``local``: this rank's local values of every Muon parameter, concatenated; the optimizer
   writes the momentum update ``u`` here before `gather`, and reads the scaled orthogonal update
   here after `scatter`.
-- ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`.
+- ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`
+  (``Batch.view``).
 - send/receive buffers of the two all-to-alls, ordered by peer rank, then matrix, then piece.
   Pieces a rank keeps for itself are copied directly between ``local`` and ``batch``.
 """
@@ -28,14 +29,19 @@ from distributed_muon.layout import Piece, ShardLayout
 from distributed_muon.plan import OwnershipPlan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Batch:
-    """Same-shape, same-options matrices one owner orthogonalizes in one batched call."""
+    """Same-shape, same-options matrices one owner orthogonalizes in one batched call.
 
-    key: Hashable
+    ``options`` is the layout's batching key of these matrices (the optimizer's `NSOptions`);
+    ``view`` is their ``[len(matrices), m, n]`` values in the exchange's batch buffer.
+    """
+
+    options: Hashable
     m: int
     n: int
     matrices: tuple[int, ...]
+    view: torch.Tensor
 
 
 class _Route:
@@ -95,19 +101,17 @@ class Exchange:
         for mat in mats:
             if plan.owner[mat.id] == me:
                 grouped.setdefault((mat.key, mat.m, mat.n), []).append(mat.id)
-        self.batches = [Batch(k, m, n, tuple(ids)) for (k, m, n), ids in grouped.items()]
-        batch_numel = sum(len(b.matrices) * b.m * b.n for b in self.batches)
+        batch_numel = sum(len(ids) * m * n for (_, m, n), ids in grouped.items())
         self._batch_flat = torch.zeros(batch_numel, dtype=comm_dtype, device=device)
-        self.batch_views: list[torch.Tensor] = []
+        self.batches: list[Batch] = []
         base_of: dict[int, int] = {}  # matrix -> flat offset in _batch_flat
         pos = 0
-        for b in self.batches:
-            self.batch_views.append(
-                self._batch_flat.narrow(0, pos, len(b.matrices) * b.m * b.n).view(-1, b.m, b.n)
-            )
-            for mid in b.matrices:
+        for (key, m, n), ids in grouped.items():
+            view = self._batch_flat.narrow(0, pos, len(ids) * m * n).view(-1, m, n)
+            self.batches.append(Batch(options=key, m=m, n=n, matrices=tuple(ids), view=view))
+            for mid in ids:
                 base_of[mid] = pos
-                pos += b.m * b.n
+                pos += m * n
 
         numels = [int(torch.Size(s).numel()) for s in local_shapes]
         self.local = torch.zeros(sum(numels), dtype=local_dtype, device=device)
@@ -191,13 +195,12 @@ class Exchange:
         recv_buf = torch.zeros(sum(recv_counts), dtype=dtype, device=device)
         return _Route(send_buf, recv_buf, send_counts, recv_counts, self.group)
 
-    def gather(self) -> list[torch.Tensor]:
-        """Pieces of ``local`` -> whole owned matrices; returns one ``[B, m, n]`` per batch."""
+    def gather(self) -> None:
+        """Pieces of ``local`` -> whole owned matrices, in each `Batch`'s ``view``."""
         self.inward.run()
-        return self.batch_views
 
     def scatter(self) -> None:
-        """Owned matrices (``batch_views``, overwritten with updates) -> ``local``."""
+        """Owned matrices (each `Batch`'s ``view``, overwritten with updates) -> ``local``."""
         self.outward.run()
 
     @property

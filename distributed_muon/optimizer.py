@@ -9,7 +9,6 @@ Layout, ownership plan and exchange buffers are built once, at construction.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from distributed_muon.options import (
     check_range,
     parse_dtype,
 )
-from distributed_muon.orthogonalize import orthogonalize, resolve_schedule
+from distributed_muon.orthogonalize import NSOptions, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan, ns_flops
 from distributed_muon.scale import SCALE_MODES, shape_scale
@@ -37,8 +36,35 @@ from distributed_muon.sharding import Sharding, infer_sharding
 
 log = logging.getLogger(__name__)
 
-# Options that decide how a matrix is orthogonalized: matrices batch together only if equal.
-_NS_OPTIONS = ("ns_schedule", "ns_steps", "ns_dtype", "eps", "scale")
+# Every per-group option and its default: the one table. `DistributedMuon`'s keyword defaults
+# are these (a test checks they agree), and `group_defaults` reads them from here.
+GROUP_OPTIONS: dict[str, Any] = {
+    "lr": 1e-3,
+    "momentum": 0.95,
+    "nesterov": True,
+    "momentum_form": "ema",
+    "weight_decay": 0.0,
+    "scale": "match_rms_adamw",
+    "ns_schedule": "jordan",
+    "ns_steps": 5,
+    "ns_dtype": torch.bfloat16,
+    "eps": 1e-7,
+    "adamw_lr": None,
+    "adamw_betas": (0.9, 0.95),
+    "adamw_eps": 1e-8,
+    "adamw_weight_decay": None,
+    "adamw_bias_correction": True,
+    "use_muon": None,  # group only: True/False/None = by the rules of `distributed_muon.params`
+    "row_blocks": None,  # group only: split of a fused weight's rows
+    "matrix_view": "experts",  # group only: how a >2-D parameter is seen as matrices
+}
+
+# The group options that make up a matrix's `NSOptions` (its batching key), by field.
+NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_dtype",
+                  "eps": "eps", "scale": "scale"}
+# Options fixed at construction: they decide the layout (which parameters are matrices and
+# how they are cut) or the batching. A checkpoint must agree on them to load.
+STRUCTURAL_OPTIONS = (*NS_OPTION_KEYS.values(), "use_muon", "row_blocks", "matrix_view")
 PHASES = ("momentum", "exchange_in", "ns", "exchange_out", "update")
 
 
@@ -90,14 +116,9 @@ class DistributedMuon(Optimizer):
         sharding: Sharding | None = None,
         plan: str = "lpt",
     ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-            weight_decay=weight_decay, scale=scale, ns_schedule=ns_schedule, ns_steps=ns_steps,
-            ns_dtype=ns_dtype, eps=eps, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
-            adamw_bias_correction=adamw_bias_correction, use_muon=None, row_blocks=None,
-            matrix_view="experts",
-        )
+        # The keyword arguments that are group options (all but the group-only ones).
+        args = locals()
+        defaults = group_defaults(**{k: args[k] for k in GROUP_OPTIONS if k in args})
         self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         self._built = False
         super().__init__(params, defaults)
@@ -141,13 +162,13 @@ class DistributedMuon(Optimizer):
                 if use:
                     specs.append(MatrixSpec.of(shape, group["row_blocks"],
                                                group["matrix_view"], label))
-                    keys.append(_ns_key(group))
+                    keys.append(ns_options(group))
                     muon.append(p)
                     self._muon_group_of.append(gi)
                 else:
                     self._adamw.append((gi, p))
         self._muon = muon
-        self._ns_keys = [_ns_key(g) for g in self.param_groups]
+        self._ns_options = [ns_options(g) for g in self.param_groups]
         locals_ = [self.sharding.local(p) for p in muon]
         devices = {t.device for t in locals_}
         if len(devices) > 1:
@@ -161,14 +182,17 @@ class DistributedMuon(Optimizer):
             local_dtype = torch.promote_types(local_dtype, t.dtype)
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
-        key_options = {k: dict(zip(_NS_OPTIONS, k, strict=True)) for k in keys}
-        costs = [ns_flops(m.m, m.n, key_options[m.key]["ns_steps"]) for m in self.layout.matrices]
+        costs = [ns_flops(m.m, m.n, m.key.steps) for m in self.layout.matrices]
         self.plan = OwnershipPlan.build(self.layout, costs, strategy)
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
             local_dtype, self.comm_dtype,
         )
-        self._batch_options = [key_options[b.key] for b in self.exchange.batches]
+
+    @property
+    def muon_params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters Muon updates, in layout order (``layout.specs[i]`` is the i-th's)."""
+        return tuple(self._muon)
 
     def plan_summary(self) -> str:
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
@@ -183,10 +207,11 @@ class DistributedMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            if _ns_key(group) != self._ns_keys[gi]:
+            if ns_options(group) != self._ns_options[gi]:
                 raise RuntimeError(
-                    f"param group {gi} changed one of {_NS_OPTIONS} after construction: these "
-                    "decide the batching plan; build a new optimizer to change them"
+                    f"param group {gi} changed one of {tuple(NS_OPTION_KEYS.values())} after "
+                    "construction: these decide the batching plan; build a new optimizer to "
+                    "change them"
                 )
         grads = [self.sharding.local_grad(p) for p in self._muon]
         adamw_grads = [self.sharding.local_grad(p) for _, p in self._adamw]
@@ -199,14 +224,11 @@ class DistributedMuon(Optimizer):
         clock = _PhaseClock(self.profile, self.phase_seconds, self.exchange.local.device)
         self._momentum(grads)
         clock.tick("momentum")
-        batches = self.exchange.gather()
+        self.exchange.gather()
         clock.tick("exchange_in")
-        for batch, view, opts in zip(
-            self.exchange.batches, batches, self._batch_options, strict=True
-        ):
-            out = orthogonalize(view, opts["ns_schedule"], opts["ns_steps"], opts["ns_dtype"],
-                                opts["eps"])
-            view.copy_(out.mul_(shape_scale(opts["scale"], batch.m, batch.n)))
+        for batch in self.exchange.batches:
+            scale = shape_scale(batch.options.scale, batch.m, batch.n)
+            batch.view.copy_(orthogonalize(batch.view, batch.options).mul_(scale))
             self.ns_matrices += len(batch.matrices)
         clock.tick("ns")
         self.exchange.scatter()
@@ -316,18 +338,11 @@ class DistributedMuon(Optimizer):
 def group_defaults(**options: Any) -> dict[str, Any]:
     """`DistributedMuon`'s per-group defaults with ``options`` applied (for adapters that build
     the optimizer from a config). An unknown name raises, listing the valid ones."""
-    signature = inspect.signature(DistributedMuon.__init__).parameters
-    defaults = {
-        name: p.default for name, p in signature.items()
-        if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params", "comm_dtype")
-    }
-    defaults.update(use_muon=None, row_blocks=None, matrix_view="experts")
-    unknown = sorted(set(options) - set(defaults))
+    unknown = sorted(set(options) - set(GROUP_OPTIONS))
     if unknown:
         raise TypeError(f"unknown DistributedMuon option(s) {unknown}: valid options are "
-                        f"{sorted(defaults)} and comm_dtype")
-    defaults.update(options)
-    return defaults
+                        f"{sorted(GROUP_OPTIONS)} and comm_dtype")
+    return {**GROUP_OPTIONS, **options}
 
 
 def _adamw_lr(group: dict[str, Any]) -> float:
@@ -338,11 +353,12 @@ def _adamw_lr(group: dict[str, Any]) -> float:
     return group["adamw_lr"] * (group["lr"] / initial if initial else 1.0)
 
 
-def _ns_key(group: dict[str, Any]) -> tuple:
-    schedule = group["ns_schedule"]
-    if not isinstance(schedule, str):
-        schedule = tuple(tuple(float(x) for x in c) for c in schedule)
-    return (schedule, group["ns_steps"], group["ns_dtype"], group["eps"], group["scale"])
+def ns_options(group: dict[str, Any]) -> NSOptions:
+    """The `NSOptions` of a (validated) param group: its matrices' batching key."""
+    values = {field: group[key] for field, key in NS_OPTION_KEYS.items()}
+    if not isinstance(values["schedule"], str):  # a custom list: hashable, as floats
+        values["schedule"] = tuple(tuple(float(x) for x in c) for c in values["schedule"])
+    return NSOptions(**values)
 
 
 def validate_group(group: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ singular values land.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,23 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
 Schedule = str | Sequence[Sequence[float]]
 
 
+@dataclass(frozen=True, kw_only=True)
+class NSOptions:
+    """Everything that decides how a matrix is orthogonalized and scaled: matrices are batched
+    into one Newton-Schulz call only when their options are equal (so the value is hashable:
+    a custom ``schedule`` is a tuple of ``(a, b, c)`` tuples).
+
+    ``schedule``, ``steps``, ``dtype`` and ``eps`` are `orthogonalize`'s arguments; ``scale`` is
+    the `distributed_muon.scale.shape_scale` mode the caller multiplies the result by.
+    """
+
+    schedule: str | tuple[Coefficients, ...]
+    steps: int
+    dtype: torch.dtype
+    eps: float
+    scale: str
+
+
 def resolve_schedule(schedule: Schedule) -> tuple[Coefficients, ...] | None:
     """Coefficient list of a schedule name or custom list; None for ``"svd"``.
 
@@ -73,7 +91,7 @@ def _step_coefficients(coeffs: tuple[Coefficients, ...], steps: int) -> list[Coe
 
 def orthogonalize(
     X: torch.Tensor,
-    schedule: Schedule = "jordan",
+    schedule: Schedule | NSOptions = "jordan",
     steps: int = 5,
     dtype: DTypeLike = torch.bfloat16,
     eps: float = 1e-7,
@@ -86,8 +104,14 @@ def orthogonalize(
     float64 input) whatever ``dtype`` says; singular directions with zero singular value map to
     zero, so a zero matrix gives zeros under every schedule.
 
+    ``schedule`` may instead be an `NSOptions`, which then gives ``schedule``, ``steps``,
+    ``dtype`` and ``eps`` (its ``scale`` is the caller's to apply).
+
     Returns a tensor of ``X``'s shape in the compute dtype (``dtype``, or the SVD dtype).
     """
+    if isinstance(schedule, NSOptions):
+        opts = schedule
+        schedule, steps, dtype, eps = opts.schedule, opts.steps, opts.dtype, opts.eps
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs [..., m, n], got shape {tuple(X.shape)}")
     if steps < 1:

@@ -323,3 +323,36 @@ def test_dtype_strings_are_accepted():
                             ("fp32", torch.float32), ("float32", torch.float32)]:
         opt = DistributedMuon([torch.zeros(4, 4)], ns_dtype=spelling, comm_dtype=spelling)
         assert opt.param_groups[0]["ns_dtype"] == dtype and opt.comm_dtype == dtype
+
+
+def test_constructor_defaults_are_the_option_table():
+    import inspect
+
+    from distributed_muon.optimizer import GROUP_OPTIONS, group_defaults
+
+    signature = inspect.signature(DistributedMuon.__init__).parameters
+    keywords = {name: p.default for name, p in signature.items()
+                if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params")}
+    keywords.pop("comm_dtype")  # optimizer-wide, not a group option
+    group_only = {"use_muon", "row_blocks", "matrix_view"}
+    assert keywords == {k: v for k, v in GROUP_OPTIONS.items() if k not in group_only}
+    assert DistributedMuon([torch.zeros(4, 4)]).defaults == GROUP_OPTIONS
+    assert group_defaults(lr=0.5) == {**GROUP_OPTIONS, "lr": 0.5}
+    with pytest.raises(TypeError, match="unknown DistributedMuon option"):
+        group_defaults(betas=(0.9, 0.99))
+
+
+def test_batches_carry_their_options_and_view():
+    from distributed_muon.optimizer import ns_options
+    from distributed_muon.orthogonalize import NSOptions
+
+    a, b, c = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4, 8)
+    opt = DistributedMuon([{"params": [a, b]},
+                           {"params": [c], "ns_steps": 3, "ns_schedule": [[3.0, -3.0, 1.0]]}])
+    assert opt.muon_params == (a, b, c)
+    first, second = opt.exchange.batches
+    assert first.options == ns_options(opt.param_groups[0]) == NSOptions(
+        schedule="jordan", steps=5, dtype=torch.bfloat16, eps=1e-7, scale="match_rms_adamw")
+    assert second.options.schedule == ((3.0, -3.0, 1.0),) and second.options.steps == 3
+    assert first.matrices == (0, 1) and first.view.shape == (2, 4, 8)
+    assert second.matrices == (2,) and second.view.shape == (1, 4, 8)

@@ -68,7 +68,7 @@ def test_named_parameters_apply_name_rules():
     opt = DistributedMuon(model.named_parameters(), lr=0.01)
     muon_names = {opt.param_groups[0]["param_names"][i]
                   for i, p in enumerate(opt.param_groups[0]["params"])
-                  if any(p is q for q in opt._muon)}
+                  if any(p is q for q in opt.muon_params)}
     assert "lm_head.weight" not in muon_names and "embed_tokens.weight" not in muon_names
     assert "qkv.weight" in muon_names
 
@@ -76,9 +76,9 @@ def test_named_parameters_apply_name_rules():
 def test_bare_parameters_use_ndim():
     a, b, c = torch.zeros(3, 4), torch.zeros(4), torch.zeros(2, 3, 4)
     opt = DistributedMuon([a, b, c])
-    assert [p is q for p, q in zip(opt._muon, [a, c])] == [True, True]
+    assert [p is q for p, q in zip(opt.muon_params, [a, c])] == [True, True]
     opt = DistributedMuon([{"params": [a, c], "use_muon": False}, {"params": [b]}])
-    assert opt._muon == []
+    assert opt.muon_params == ()
 
 
 def test_unknown_patterns_are_errors():

@@ -163,7 +163,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     # On the rank with the most NS work the exchanges hold no wait for slower ranks' NS: its
     # exchange time is the transfer on the step's critical path.
     slowest = ranks[ns.index(max(ns))]["median_s"]
-    exchange = slowest["exchange_in"] + slowest["exchange_out"]
+    exchange = slowest["to_owners"] + slowest["to_holders"]
     ratio = exchange / max(ns) if max(ns) > 0 else float("nan")
     lines += [
         "",

@@ -8,12 +8,17 @@ replicas): no per-element Python and no allocation.
 Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dtype``):
 
 - ``local``: this rank's local values of every Muon parameter, concatenated; the optimizer
-  writes the momentum update ``u`` here before `gather`, and reads the scaled orthogonal update
-  here after `scatter`.
+  writes the momentum update ``u`` here before `to_owners`, and reads the scaled orthogonal
+  update here after `to_holders`.
 - ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`
   (``Batch.view``).
 - send/receive buffers of the two all-to-alls, ordered by peer rank, then matrix, then piece.
   Pieces a rank keeps for itself are copied directly between ``local`` and ``batch``.
+
+The two directions are named by where values go: `to_owners` (each holder of a matrix's
+source replica sends its pieces to the owner) and `to_holders` (the owner sends the update to
+every holder of every replica); the to-holders routing is derived as the inverse of the
+to-owners one plus the replicas that only receive.
 """
 
 from __future__ import annotations
@@ -73,6 +78,55 @@ class _Route:
             torch._foreach_copy_(self.unpack_dst, self.unpack_src)
 
 
+@dataclass
+class _Routing:
+    """The pieces one direction moves, seen from this rank: ``send[peer]`` and ``recv[peer]``
+    in the order both ends agree on (matrix, then layout order); ``keep``: pieces this rank
+    moves to itself, copied without a buffer."""
+
+    send: list[list[Piece]]
+    recv: list[list[Piece]]
+    keep: list[Piece]
+
+    @classmethod
+    def empty(cls, world: int) -> _Routing:
+        return cls([[] for _ in range(world)], [[] for _ in range(world)], [])
+
+    def add(self, piece: Piece, sender: int, receiver: int, me: int) -> None:
+        if sender == receiver == me:
+            self.keep.append(piece)
+        elif sender == me:
+            self.send[receiver].append(piece)
+        elif receiver == me:
+            self.recv[sender].append(piece)
+
+    def inverse(self) -> _Routing:
+        """The same pieces the other way: what was sent is received, and back."""
+        return _Routing(self.recv, self.send, self.keep)
+
+    def __add__(self, other: _Routing) -> _Routing:
+        """Per peer, this routing's pieces followed by ``other``'s."""
+        return _Routing([a + b for a, b in zip(self.send, other.send, strict=True)],
+                        [a + b for a, b in zip(self.recv, other.recv, strict=True)],
+                        self.keep + other.keep)
+
+
+def _routings(layout: ShardLayout, plan: OwnershipPlan) -> tuple[_Routing, _Routing]:
+    """(to owners, to holders) for this rank.
+
+    To owners, every holder of the matrix's source replica sends its pieces to the owner. To
+    holders is the inverse of that, plus the pieces of the other replicas (DDP, HSDP), which
+    only receive the update: every holder of every replica gets its values back.
+    """
+    me, world = layout.rank, layout.world_size
+    source, other_replicas = _Routing.empty(world), _Routing.empty(world)
+    for mid, owner in enumerate(plan.owner):
+        for pc in layout.pieces[mid]:
+            table = source if pc.replica == plan.source[mid] else other_replicas
+            table.add(pc, sender=pc.rank, receiver=owner, me=me)
+    return source, source.inverse() + other_replicas.inverse()
+
+
 class Exchange:
     """Routes between this rank's local pieces and the whole matrices it owns.
 
@@ -90,124 +144,110 @@ class Exchange:
         local_dtype: torch.dtype,
         comm_dtype: torch.dtype,
     ) -> None:
-        # No matrices anywhere (every rank sees the same layout): nothing to exchange.
         self.layout, self.plan = layout, plan
+        # No matrices anywhere (every rank sees the same layout): nothing to exchange.
         self.group = group if layout.matrices else None
-        world, me = layout.world_size, layout.rank
-        mats = layout.matrices
+        self.comm_dtype, self.device = comm_dtype, device
+        self._allocate_batches()
+        self._allocate_local(local_shapes, local_dtype)
+        to_owners, to_holders = _routings(layout, plan)
+        self.route_to_owners = self._route(to_owners, towards_owner=True)
+        self.route_to_holders = self._route(to_holders, towards_owner=False)
 
-        # Batches of owned matrices, grouped by (options, shape) in matrix order.
+    # ------------------------------------------------------------ buffers
+
+    def _allocate_batches(self) -> None:
+        """``batches``: owned matrices grouped by (options, shape) in matrix order, each a
+        ``[B, m, n]`` view of one flat buffer."""
         grouped: dict[tuple, list[int]] = {}
-        for mat in mats:
-            if plan.owner[mat.id] == me:
+        for mat in self.layout.matrices:
+            if self.plan.owner[mat.id] == self.layout.rank:
                 grouped.setdefault((mat.key, mat.m, mat.n), []).append(mat.id)
-        batch_numel = sum(len(ids) * m * n for (_, m, n), ids in grouped.items())
-        self._batch_flat = torch.zeros(batch_numel, dtype=comm_dtype, device=device)
+        numel = sum(len(ids) * m * n for (_, m, n), ids in grouped.items())
+        self._batch_flat = torch.zeros(numel, dtype=self.comm_dtype, device=self.device)
         self.batches: list[Batch] = []
-        base_of: dict[int, int] = {}  # matrix -> flat offset in _batch_flat
+        self._matrix_base: dict[int, int] = {}  # matrix -> flat offset in _batch_flat
         pos = 0
         for (key, m, n), ids in grouped.items():
             view = self._batch_flat.narrow(0, pos, len(ids) * m * n).view(-1, m, n)
             self.batches.append(Batch(options=key, m=m, n=n, matrices=tuple(ids), view=view))
             for mid in ids:
-                base_of[mid] = pos
+                self._matrix_base[mid] = pos
                 pos += m * n
 
+    def _allocate_local(self, local_shapes: list[torch.Size], dtype: torch.dtype) -> None:
+        """``local`` (every Muon parameter's local values, concatenated) and its views."""
         numels = [int(torch.Size(s).numel()) for s in local_shapes]
-        self.local = torch.zeros(sum(numels), dtype=local_dtype, device=device)
-        param_base = [0]
+        self.local = torch.zeros(sum(numels), dtype=dtype, device=self.device)
+        self._param_base = [0]
         for k in numels:
-            param_base.append(param_base[-1] + k)
+            self._param_base.append(self._param_base[-1] + k)
         self.local_views = [
-            self.local.narrow(0, param_base[p], numels[p]).view(local_shapes[p])
-            for p in range(len(numels))
+            self.local.narrow(0, self._param_base[p], k).view(shape)
+            for p, (k, shape) in enumerate(zip(numels, local_shapes, strict=True))
         ]
 
-        def local_slice(pc: Piece) -> torch.Tensor:
-            return self.local.narrow(0, param_base[pc.param] + pc.offset, pc.size)
+    def _local_run(self, pc: Piece) -> torch.Tensor:
+        """The piece's values in ``local``: one contiguous run on its holder."""
+        return self.local.narrow(0, self._param_base[pc.param] + pc.offset, pc.size)
 
-        def batch_segments(pc: Piece, flat: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-            """(view of the owner's matrix, view of ``flat`` holding the piece's values)."""
-            n = mats[pc.matrix].n
-            return [
-                (
-                    torch.as_strided(self._batch_flat, seg.size, seg.stride,
-                                     base_of[pc.matrix] + seg.matrix_offset),
-                    flat.narrow(0, seg.value_offset, math.prod(seg.size)).view(seg.size),
-                )
-                for seg in pc.block.segments(n)
-            ]
+    def _holder_views(self, pc: Piece, values: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """(the piece in ``local``, ``values``)."""
+        return [(self._local_run(pc), values)]
 
-        # Per peer, pieces in matrix order (then layout order): the order both ends agree on.
-        send_in: list[list[Piece]] = [[] for _ in range(world)]
-        recv_in: list[list[Piece]] = [[] for _ in range(world)]
-        send_out: list[list[Piece]] = [[] for _ in range(world)]
-        recv_out: list[list[Piece]] = [[] for _ in range(world)]
-        for mid, owner in enumerate(plan.owner):
-            for pc in layout.pieces[mid]:
-                if pc.replica == plan.source[mid]:  # in: source replica, holder -> owner
-                    if pc.rank == me:
-                        send_in[owner].append(pc)
-                    if owner == me:
-                        recv_in[pc.rank].append(pc)
-                if owner == me:  # out: every replica, owner -> holder
-                    send_out[pc.rank].append(pc)
-                if pc.rank == me:
-                    recv_out[owner].append(pc)
+    def _owner_views(self, pc: Piece, values: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """(rectangle of the owner's matrix, the matching run of ``values``) per segment."""
+        n = self.layout.matrices[pc.matrix].n
+        base = self._matrix_base[pc.matrix]
+        return [
+            (torch.as_strided(self._batch_flat, seg.size, seg.stride, base + seg.matrix_offset),
+             values.narrow(0, seg.value_offset, math.prod(seg.size)).view(seg.size))
+            for seg in pc.block.segments(n)
+        ]
 
-        own_in = send_in[me]
-        send_in[me], recv_in[me] = [], []
-        self.inward = self._route(send_in, recv_in, comm_dtype, device)
-        for pc in own_in:
-            for dst, src in batch_segments(pc, local_slice(pc)):
-                self.inward.direct_dst.append(dst)
-                self.inward.direct_src.append(src)
-        for pc, buf in _slices(send_in, self.inward.send):
-            self.inward.pack_dst.append(buf)
-            self.inward.pack_src.append(local_slice(pc))
-        for pc, buf in _slices(recv_in, self.inward.recv):
-            for dst, src in batch_segments(pc, buf):
-                self.inward.unpack_dst.append(dst)
-                self.inward.unpack_src.append(src)
+    # ------------------------------------------------------------ routes
 
-        own_out = send_out[me]
-        send_out[me], recv_out[me] = [], []
-        self.outward = self._route(send_out, recv_out, comm_dtype, device)
-        for pc in own_out:
-            for owner_view, local_view in batch_segments(pc, local_slice(pc)):
-                self.outward.direct_dst.append(local_view)
-                self.outward.direct_src.append(owner_view)
-        for pc, buf in _slices(send_out, self.outward.send):
-            for owner_view, value_view in batch_segments(pc, buf):
-                self.outward.pack_dst.append(value_view)
-                self.outward.pack_src.append(owner_view)
-        for pc, buf in _slices(recv_out, self.outward.recv):
-            self.outward.unpack_dst.append(local_slice(pc))
-            self.outward.unpack_src.append(buf)
-
-    def _route(self, send: list[list[Piece]], recv: list[list[Piece]], dtype: torch.dtype,
-               device: torch.device) -> _Route:
-        send_counts = [sum(pc.size for pc in per) for per in send]
-        recv_counts = [sum(pc.size for pc in per) for per in recv]
-        send_buf = torch.zeros(sum(send_counts), dtype=dtype, device=device)
+    def _route(self, routing: _Routing, towards_owner: bool) -> _Route:
+        """Buffers and copy views of one direction: holder -> owner or owner -> holder."""
+        send_counts = [sum(pc.size for pc in per) for per in routing.send]
+        recv_counts = [sum(pc.size for pc in per) for per in routing.recv]
+        send = torch.zeros(sum(send_counts), dtype=self.comm_dtype, device=self.device)
         if self.group is None:
-            return _Route(send_buf, send_buf, send_counts, recv_counts, None)
-        recv_buf = torch.zeros(sum(recv_counts), dtype=dtype, device=device)
-        return _Route(send_buf, recv_buf, send_counts, recv_counts, self.group)
+            route = _Route(send, send, send_counts, recv_counts, None)
+        else:
+            recv = torch.zeros(sum(recv_counts), dtype=self.comm_dtype, device=self.device)
+            route = _Route(send, recv, send_counts, recv_counts, self.group)
+        sender, receiver = ((self._holder_views, self._owner_views) if towards_owner
+                            else (self._owner_views, self._holder_views))
+        for pc in routing.keep:
+            for owner_view, local_view in self._owner_views(pc, self._local_run(pc)):
+                dst, src = (owner_view, local_view) if towards_owner else (local_view, owner_view)
+                route.direct_dst.append(dst)
+                route.direct_src.append(src)
+        for pc, buf in _slices(routing.send, route.send):
+            for place, values in sender(pc, buf):
+                route.pack_dst.append(values)
+                route.pack_src.append(place)
+        for pc, buf in _slices(routing.recv, route.recv):
+            for place, values in receiver(pc, buf):
+                route.unpack_dst.append(place)
+                route.unpack_src.append(values)
+        return route
 
-    def gather(self) -> None:
+    def to_owners(self) -> None:
         """Pieces of ``local`` -> whole owned matrices, in each `Batch`'s ``view``."""
-        self.inward.run()
+        self.route_to_owners.run()
 
-    def scatter(self) -> None:
-        """Owned matrices (each `Batch`'s ``view``, overwritten with updates) -> ``local``."""
-        self.outward.run()
+    def to_holders(self) -> None:
+        """Owned matrices (each `Batch`'s ``view``, overwritten with updates) -> ``local``,
+        on every holder of every replica."""
+        self.route_to_holders.run()
 
     @property
     def bytes_per_step(self) -> tuple[int, int]:
         """(sent, received) bytes of this rank per step, both directions."""
         item = self._batch_flat.element_size()
-        routes = (self.inward, self.outward)
+        routes = (self.route_to_owners, self.route_to_holders)
         sent = sum(sum(rt.send_counts) for rt in routes)
         recv = sum(sum(rt.recv_counts) for rt in routes)
         return sent * item, recv * item

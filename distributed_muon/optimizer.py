@@ -2,7 +2,7 @@
 
 A step flows one way (DESIGN 2):
 
-    local momentum -> exchange in -> batched NS + shape scale on owners -> exchange out -> update
+    local momentum -> to owners -> batched NS + shape scale on owners -> to holders -> update
 
 Layout, ownership plan and exchange buffers are built once, at construction.
 """
@@ -65,7 +65,7 @@ NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_d
 # Options fixed at construction: they decide the layout (which parameters are matrices and
 # how they are cut) or the batching. A checkpoint must agree on them to load.
 STRUCTURAL_OPTIONS = (*NS_OPTION_KEYS.values(), "use_muon", "row_blocks", "matrix_view")
-PHASES = ("momentum", "exchange_in", "ns", "exchange_out", "update")
+PHASES = ("momentum", "to_owners", "ns", "to_holders", "update")
 
 
 class DistributedMuon(Optimizer):
@@ -224,15 +224,15 @@ class DistributedMuon(Optimizer):
         clock = _PhaseClock(self.profile, self.phase_seconds, self.exchange.local.device)
         self._momentum(grads)
         clock.tick("momentum")
-        self.exchange.gather()
-        clock.tick("exchange_in")
+        self.exchange.to_owners()
+        clock.tick("to_owners")
         for batch in self.exchange.batches:
             scale = shape_scale(batch.options.scale, batch.m, batch.n)
             batch.view.copy_(orthogonalize(batch.view, batch.options).mul_(scale))
             self.ns_matrices += len(batch.matrices)
         clock.tick("ns")
-        self.exchange.scatter()
-        clock.tick("exchange_out")
+        self.exchange.to_holders()
+        clock.tick("to_holders")
         self._apply_muon(grads)
         self._adamw_step(adamw_grads)
         clock.tick("update")

@@ -28,7 +28,7 @@ STRATEGIES = ("lpt", "round_robin")
 @dataclass(frozen=True)
 class OwnershipPlan:
     """``owner[i]``: rank that orthogonalizes matrix ``i``; ``source[i]``: the replica whose
-    pieces are gathered to it; ``cost[i]``: its NS FLOPs."""
+    pieces are sent to it; ``cost[i]``: its NS FLOPs."""
 
     owner: tuple[int, ...]
     source: tuple[int, ...]
@@ -66,7 +66,7 @@ class OwnershipPlan:
                 heapq.heappush(heap, (rank_load + costs[mid], rank))
         source = []
         for mid, own in enumerate(owner):
-            # Gather from the replica of which the owner already holds the most.
+            # Take the pieces of the replica of which the owner already holds the most.
             held: dict[int, int] = {}
             for pc in layout.pieces[mid]:
                 held.setdefault(pc.replica, 0)
@@ -96,10 +96,10 @@ class OwnershipPlan:
                 if pc.rank == own:
                     continue
                 nbytes = pc.size * itemsize
-                if pc.replica == self.source[mid]:  # in: holder -> owner
+                if pc.replica == self.source[mid]:  # to owners: source holder -> owner
                     sent[pc.rank] += nbytes
                     recv[own] += nbytes
-                sent[own] += nbytes  # out: owner -> every holder
+                sent[own] += nbytes  # to holders: owner -> every holder
                 recv[pc.rank] += nbytes
         return sent, recv
 

@@ -16,7 +16,7 @@ def test_bench_on_two_cpu_ranks(tmp_path):
            "--warmup", "1", "--ns-dtype", "fp32", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    assert "NS imbalance" in proc.stdout and "exchange_in ms" in proc.stdout
+    assert "NS imbalance" in proc.stdout and "to_owners ms" in proc.stdout
     report = json.loads(out.read_text())
     assert report["world"] == 2 and len(report["ranks"]) == 2
     assert report["planned_imbalance"] >= 1.0 and report["measured_imbalance"] >= 1.0

@@ -245,6 +245,61 @@ def test_whole_experts_stay_where_they_lie():
     assert all(r["planned"] == r["built"] for r in results)
 
 
+def _traffic_worker(rank, world):
+    """Per layout: the plan, its byte counts, and the counts the exchange passes to its two
+    all-to-alls (what really moves), as built on this rank."""
+    params, _ = full_tensors()
+    out = {}
+    for layout in ("replicated", "fsdp2", "fsdp2_cols", "hsdp"):
+        make, _ = _layout_fns(layout, world)
+        opt = DistributedMuon(_groups([make(t) for t in params]), lr=LR)
+        ex, lay = opt.exchange, opt.layout
+        routes = {"to_owners": ex.route_to_owners, "to_holders": ex.route_to_holders}
+        out[layout] = {
+            "plan": opt.plan,
+            "pieces": lay.pieces,
+            "traffic": opt.plan.traffic(lay, opt.comm_dtype.itemsize),
+            "itemsize": opt.comm_dtype.itemsize,
+            "send": {k: list(r.send_counts) for k, r in routes.items()},
+            "recv": {k: list(r.recv_counts) for k, r in routes.items()},
+            "buffers": {k: (r.send.numel(), r.recv.numel()) for k, r in routes.items()},
+        }
+    return out
+
+
+def test_plan_and_traffic_agree_with_the_exchange_on_every_rank():
+    world = 4
+    results = run_ranks(world, _traffic_worker)
+    for layout, first in results[0].items():
+        # Every rank of the real process group computed the same layout and plan.
+        for r in range(1, world):
+            assert results[r][layout]["plan"] == first["plan"], (layout, r)
+            assert results[r][layout]["pieces"] == first["pieces"], (layout, r)
+        sent, recv = first["traffic"]
+        item = first["itemsize"]
+        for r, res in enumerate(results):
+            mine = res[layout]
+            for route in ("to_owners", "to_holders"):
+                # Both ends of every pair agree on what crosses between them ...
+                for peer in range(world):
+                    assert mine["send"][route][peer] == \
+                        results[peer][layout]["recv"][route][r], (layout, route, r, peer)
+                # ... and the buffers hold exactly that.
+                assert mine["buffers"][route] == (sum(mine["send"][route]),
+                                                  sum(mine["recv"][route]))
+            assert mine["send"]["to_owners"][r] == mine["recv"]["to_owners"][r] == 0
+            # The plan's metadata-only byte counts are what the all-to-alls move.
+            assert sent[r] == item * (sum(mine["send"]["to_owners"]) +
+                                      sum(mine["send"]["to_holders"])), (layout, r)
+            assert recv[r] == item * (sum(mine["recv"]["to_owners"]) +
+                                      sum(mine["recv"]["to_holders"])), (layout, r)
+    # Replicated: nothing goes to the owners (each computes from its own copy), and each
+    # matrix's update goes to the 3 other ranks: 3 x 2224 values (33x16 + 16x40 + 3 experts
+    # 8x12 + 48x16) in bf16.
+    assert all(sum(res["replicated"]["send"]["to_owners"]) == 0 for res in results)
+    assert sum(results[0]["replicated"]["traffic"][0]) == 3 * 2224 * 2
+
+
 def _mismatch_worker(rank, world):
     from distributed_muon.layout import LayoutError
 

@@ -4,23 +4,54 @@
 world size from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``) or from SLURM
 (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``), picks NCCL on GPUs and gloo on CPUs, and
 binds the local GPU. `spawn` runs a function on N local ranks when nothing launched us.
+
+Ending a rank (measured with torch 2.13, gloo on CPU): a process that exits while its process
+group is alive aborts now and then during interpreter teardown (``terminate called without
+an active exception``, SIGABRT, no Python frame on the stack): a C++ thread of the group is
+destroyed unjoined. `end_process_group` destroys the group first; spawned ranks then leave
+with ``os._exit`` once their result is reported, so nothing that belongs to a finished run
+depends on the interpreter's teardown.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
 import socket
+import sys
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    """A spawned rank raised or died: ``rank``, a one-line ``reason`` and its ``traceback``
+    (empty when the process died without raising)."""
+
+    def __init__(self, rank: int, reason: str, traceback_text: str = "") -> None:
+        super().__init__(f"rank {rank}: {reason}")
+        self.rank, self.reason, self.traceback = rank, reason, traceback_text
 
 
 def launched_externally() -> bool:
     """True under torchrun, the deepspeed launcher or srun (the environment names our rank)."""
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def env_world_size() -> int | None:
+    """The job's world size from torchrun/SLURM variables, or None when not launched."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return None
 
 
 def _env_rank() -> tuple[int, int, int]:
@@ -60,22 +91,118 @@ def init_process_group_from_env(device: str = "auto") -> torch.device:
     return dev
 
 
+def end_process_group() -> None:
+    """Destroy the default process group (and every subgroup) if one is alive."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    fn(*args)
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message, prefixed by its type unless a ValueError
+    (our own checks raise ValueError with a message that already names the fix)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    if isinstance(err, ValueError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple,
+             conn: multiprocessing.connection.Connection) -> None:
+    status: tuple = ("ok",)
+    try:
+        os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(local_rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        fn(*args)
+    except BaseException as err:  # noqa: BLE001 - every failure goes to the parent
+        status = ("error", one_line(err), traceback.format_exc(), time.time())
+    try:
+        # Report before ending the group: the peers' "connection closed" errors that follow
+        # must not arrive first.
+        conn.send(status)
+        conn.close()
+        end_process_group()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip the interpreter's teardown (see the module docstring): everything the rank
+        # produced is written and reported by now.
+        os._exit(0 if status[0] == "ok" else 1)
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     """Run ``fn(*args)`` on ``nproc`` local ranks (each sets RANK etc. and may call
-    `init_process_group_from_env`). Raises if any rank fails."""
-    mp.start_processes(_spawned, args=(nproc, free_port(), fn, args), nprocs=nproc,
-                       start_method="spawn", join=True)
+    `init_process_group_from_env`; its process group is destroyed after ``fn`` returns).
+
+    Raises `RankFailed` for the first rank that raises (or dies) and stops the others, which
+    may be waiting in a collective for it.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc}: start at least one rank")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, conns = [], []
+    finished = False
+    try:
+        for rank in range(nproc):
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_spawned, args=(rank, nproc, port, fn, args, child),
+                               name=f"dmuon-rank-{rank}")
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        pending = dict(enumerate(conns))
+        failures: list[tuple[float, RankFailed]] = []  # (when it raised, 0: died)
+        deadline = None
+        while pending and (deadline is None or time.monotonic() < deadline):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(
+                list(pending.values()) + [p.sentinel for p in procs if p.exitcode is None],
+                timeout)
+            for rank, conn in list(pending.items()):
+                if conn not in ready and procs[rank].exitcode is None:
+                    continue
+                del pending[rank]
+                try:
+                    status = conn.recv()
+                except EOFError:  # died without a word: a signal, or os._exit elsewhere
+                    procs[rank].join(timeout=5)
+                    status = ("error", _death(procs[rank].exitcode), "", 0.0)
+                if status[0] != "ok":
+                    failures.append((status[3], RankFailed(rank, status[1], status[2])))
+            if failures and deadline is None:
+                # Peers of a failed rank fail soon after it ("connection closed"): wait a
+                # moment so the report names the cause: a rank that died, else the first
+                # to raise.
+                deadline = time.monotonic() + 2.0
+        if failures:
+            raise min(failures, key=lambda f: (f[0], f[1].rank))[1]
+        finished = True
+    finally:
+        for proc in procs:
+            # After a failure the others may wait forever in a collective: stop them now.
+            proc.join(timeout=10 if finished else 0.5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the process was killed by {name}"
+    return f"the process exited with code {code} without reporting a result"

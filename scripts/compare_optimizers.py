@@ -27,8 +27,9 @@ def run(out: Path, optimizer: str, lr: float, seed: int, extra: list[str]) -> di
     d = out / f"{optimizer}_lr{lr:g}_seed{seed}"
     summary = d / "summary.json"
     if not summary.exists():
-        cmd = [sys.executable, "-m", "distributed_muon.cli", "train", "--optimizer", optimizer,
-               "--lr", str(lr), "--seed", str(seed), "--out", str(d), *extra]
+        cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "train",
+               "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
+               "--out", str(d), *extra]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     result = json.loads(summary.read_text())

@@ -5,13 +5,12 @@ import subprocess
 import sys
 
 import pytest
-
-from distributed_muon.bench import parse_shapes
+from distributed_muon.launch.bench import parse_shapes
 
 
 def test_bench_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "distributed_muon.cli", "bench", "--shapes",
+    cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "bench", "--shapes",
            "96x64,64x160,3x32x32", "--layers", "2", "--nproc", "2", "--steps", "2",
            "--warmup", "1", "--ns-dtype", "fp32", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

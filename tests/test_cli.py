@@ -1,8 +1,9 @@
 import subprocess
 import sys
 
+from distributed_muon.launch.cli import main
+
 from distributed_muon import __version__
-from distributed_muon.cli import main
 
 
 def test_help_and_version(capsys):
@@ -22,6 +23,6 @@ def test_demo_prints_a_table(capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "distributed_muon.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "usage: dmuon" in out

@@ -375,7 +375,7 @@ def _reshard_worker(rank, world, stage, src, tag, mode):
 
 @pytest.mark.parametrize("stage,to_stage,to_world", [(2, 2, 3), (3, 1, 3)])
 def test_reshard_through_topology_free_form(stage, to_stage, to_world, tmp_path):
-    from distributed_muon.cli import main
+    from distributed_muon.launch.cli import main
 
     ds_dir, dcp_dir = tmp_path / "ds", tmp_path / "dcp"
     run_ranks(2, _reshard_worker, stage, str(ds_dir), "t", "save", timeout=300)
@@ -409,8 +409,7 @@ def test_bf16_optimizer_checkpoint_round_trips_through_another_size(tmp_path):
     """BF16_Optimizer (ZeRO-1, fp32 grad accumulation) at 2 ranks -> topology-free -> ZeRO-2
     at 3 ranks -> topology-free again: every weight and state tensor identical."""
     import torch.distributed.checkpoint as dcp
-
-    from distributed_muon.cli import main
+    from distributed_muon.launch.cli import main
 
     cfg = _config(1, 2, bf16=True, data_types={"grad_accum_dtype": "fp32"})
     run_ranks(2, _roundtrip_worker, cfg, None, str(tmp_path / "a"), "save", timeout=300)
@@ -433,7 +432,7 @@ def test_bf16_optimizer_checkpoint_round_trips_through_another_size(tmp_path):
 
 
 def test_ckpt_refuses_what_it_cannot_convert(tmp_path, capsys):
-    from distributed_muon.cli import main
+    from distributed_muon.launch.cli import main
 
     assert main(["ckpt", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no DeepSpeed ZeRO optimizer files" in capsys.readouterr().err
@@ -464,6 +463,7 @@ for _ in range(5):
     losses.append(loss.item())
 json.dump({"losses": losses, "world": engine.world_size,
            "ns": optimizer.optimizer.ns_matrices}, open(f"{args.out}.{engine.global_rank}", "w"))
+torch.distributed.destroy_process_group()  # as docs/deepspeed.md says: no abort at exit
 '''
 
 

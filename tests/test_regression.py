@@ -1,4 +1,4 @@
-from distributed_muon.regression import best_loss, make_problem
+from distributed_muon.launch.regression import best_loss, make_problem
 
 
 def test_muon_beats_sgd_on_ill_conditioned_regression():

@@ -57,10 +57,10 @@ def test_rendered_scripts_are_valid_bash(style, tmp_path):
 
 def test_cli_renders_and_refuses_bad_input(tmp_path):
     out = tmp_path / "job.sbatch"
-    subprocess.run([sys.executable, "-m", "distributed_muon.cli", "slurm", "--nodes", "2",
+    subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "slurm", "--nodes", "2",
                     "--gpus-per-node", "8", "-o", str(out), "--", "--steps", "5"], check=True)
     assert "train --backend fsdp2 --steps 5" in out.read_text()
-    bad = subprocess.run([sys.executable, "-m", "distributed_muon.cli", "slurm",
+    bad = subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "slurm",
                           "--gpus-per-node", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "torchrun needs" in bad.stderr
 

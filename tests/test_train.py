@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed_muon.launch.train import TrainConfig
 
-CLI = [sys.executable, "-m", "distributed_muon.cli", "train"]
+CLI = [sys.executable, "-m", "distributed_muon.launch.cli", "train"]
 
 
 def train(out: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,21 +41,13 @@ def test_short_run_writes_everything(tmp_path):
     assert json.loads((out / "ranks.json").read_text())["world"] == 2
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--backend", "megatron"], "--backend"),
-    (["--zero-stage", "2"], "--backend deepspeed only"),
-    (["--backend", "deepspeed", "--zero-stage", "4"], "--zero-stage 4"),
-    (["--optimizer", "sgd"], "--optimizer"),
-    (["--steps", "0"], "must be positive"),
-])
-def test_bad_flags_are_refused_before_training(tmp_path, flags, message):
-    proc = train(tmp_path / "x", *flags, check=False)
-    assert proc.returncode == 2 and message in proc.stderr
-
-
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    proc = train(tmp_path / "none", "--steps", "4", "--resume", check=False)
-    assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+def test_save_every_also_saves_the_last_step(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "5", "--save-every", "3", "--eval-every", "5", "--backend", "ddp")
+    ckpt = out / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000003", "step_0000005"]
+    assert (ckpt / "latest").read_text() == "step_0000005"
+    assert json.loads((ckpt / "step_0000005" / "manifest.json").read_text())["step"] == 5
 
 
 def _rank_pids(parent: int) -> list[int]:
@@ -86,13 +77,17 @@ def test_kill_one_rank_and_resume_continues_the_same_curve(tmp_path):
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(_rank_pids(proc.pid)[-1], signal.SIGKILL)
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == "dmuon train: rank 1: the process was killed by SIGKILL"
     # A checkpoint interrupted while writing would be a leftover *.tmp; `latest` never names one.
     assert not latest.read_text().strip().endswith(".tmp")
 
     resumed = train(out, *steps, "--resume")
     assert "resumed at step" in resumed.stdout
+    # The summary's "mean of the last 20 steps" spans the restart like the straight run's.
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, reference)]
+    assert summaries[0]["train_loss"] == pytest.approx(summaries[1]["train_loss"], abs=1e-6)
     got, want = metrics(out), metrics(reference)
     assert [r["step"] for r in got] == list(range(1, 33))  # nothing skipped or repeated
     for a, b in zip(got, want):
@@ -109,11 +104,6 @@ def test_compare_plots_both(tmp_path):
         assert json.loads((out / name / "summary.json").read_text())["steps"] == 6
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="--save-every"):
-        TrainConfig(save_every=-1).validate()
-
-
 @pytest.mark.usefixtures("deepspeed_comm_op")
 def test_deepspeed_backend_matches_fsdp2_and_resumes(tmp_path):
     """`--backend deepspeed` (ZeRO-3, "type": "DistributedMuon") trains like FSDP2 on the same
@@ -122,8 +112,11 @@ def test_deepspeed_backend_matches_fsdp2_and_resumes(tmp_path):
     flags = ("--steps", "8", "--eval-every", "4")
     train(ds, *flags, "--backend", "deepspeed", "--zero-stage", "3", "--save-every", "4")
     uninterrupted = metrics(ds)
-    assert (ds / "ckpt" / "latest").read_text().strip() == "step_0000004"
+    assert (ds / "ckpt" / "latest").read_text().strip() == "step_0000008"
+    # As if the run had stopped after step 4: its final checkpoint is cut short.
+    (next((ds / "ckpt" / "step_0000008").rglob("*optim_states.pt"))).write_bytes(b"")
     proc = train(ds, *flags, "--backend", "deepspeed", "--zero-stage", "3", "--resume")
+    assert "skipping a bad checkpoint" in proc.stdout
     assert "resumed at step 4" in proc.stdout
     assert metrics(ds) == [{**r, "time": m["time"]} for r, m in zip(uninterrupted, metrics(ds))]
     train(fsdp, *flags, "--backend", "fsdp2")

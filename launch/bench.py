@@ -1,0 +1,236 @@
+"""`dmuon bench`: time the optimizer step, phase by phase, on N ranks.
+
+Parameters of the given shapes are sharded as FSDP2 shards them (DTensor ``Shard(0)``) or
+replicated as under DDP; gradients are random. Each rank times every phase with device
+synchronization (`DistributedMuon.profile`); rank 0 reports medians over steps, bytes moved,
+planned and measured NS imbalance, achieved NS TFLOP/s and, measured in the same run, the
+device's bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+from distributed_muon.launch.flags import option
+from distributed_muon.launch.local import (
+    end_process_group,
+    env_world_size,
+    init_process_group_from_env,
+    launched_externally,
+    spawn,
+)
+
+from distributed_muon.optimizer import PHASES, DistributedMuon
+from distributed_muon.plan import STRATEGIES
+
+# A d=2048, 16-layer transformer's matrices as [out, in]: qkv, proj, fc1, fc2 (~0.8B values).
+DEFAULT_SHAPES = "6144x2048,2048x2048,8192x2048,2048x8192"
+DEFAULT_LAYERS = 16
+# On a CPU the GPU-sized default takes many minutes a step: a d=512 layer, 4 times, instead.
+CPU_SHAPES = "1536x512,512x512,2048x512,512x2048"
+CPU_LAYERS = 4
+
+
+@dataclass
+class BenchConfig:
+    shapes: str | None = option(
+        None, "matrices of one layer, [out]x[in] or ExMxN, comma-separated (default "
+        f"{DEFAULT_SHAPES}, a d=2048 transformer layer, on GPUs; {CPU_SHAPES} on CPUs)")
+    layers: int | None = option(
+        None, f"repeat the shapes (default {DEFAULT_LAYERS} on GPUs, {CPU_LAYERS} on CPUs)")
+    nproc: int = option(1, "local ranks to start (ignored under torchrun/srun)")
+    layout: str = option("fsdp2", "how parameters are held", choices=("fsdp2", "replicated"))
+    steps: int = option(10, "timed steps")
+    warmup: int = option(3, "untimed steps first")
+    device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
+    ns_dtype: str = option("bf16", "Newton-Schulz compute dtype")
+    comm_dtype: str = option("bf16", "exchange dtype")
+    plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
+    json: str | None = option(None, "also write the results as JSON to this file")
+
+    def resolved(self) -> BenchConfig:
+        """Checked, with device-sized defaults filled in."""
+        if self.nproc < 1 or self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"--nproc {self.nproc}, --steps {self.steps}, --warmup "
+                             f"{self.warmup}: need --nproc >= 1, --steps >= 1, --warmup >= 0")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"--layers {self.layers}: must be at least 1")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
+        cuda = torch.cuda.is_available() and self.device != "cpu"
+        shapes = self.shapes or (DEFAULT_SHAPES if cuda else CPU_SHAPES)
+        parse_shapes(shapes)
+        layers = self.layers or (DEFAULT_LAYERS if cuda else CPU_LAYERS)
+        return replace(self, shapes=shapes, layers=layers)
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"6144x2048,4x512x256"`` -> ``[(6144, 2048), (4, 512, 256)]``."""
+    try:
+        shapes = [tuple(int(d) for d in part.split("x")) for part in text.split(",") if part]
+    except ValueError:
+        raise ValueError(f"--shapes {text!r}: use comma-separated MxN or ExMxN") from None
+    if not shapes or any(len(s) not in (2, 3) or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes {text!r}: use comma-separated MxN or ExMxN")
+    return shapes
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Achieved TFLOP/s of a large square matmul on this device (8192 on GPU, 512 on CPU)."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 3
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rank_main(cfg: BenchConfig) -> None:
+    device = init_process_group_from_env(cfg.device)
+    try:
+        _bench(cfg, device)
+    finally:
+        end_process_group()
+
+
+def _bench(cfg: BenchConfig, device: torch.device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = parse_shapes(cfg.shapes) * cfg.layers
+    gen = torch.Generator(device=device).manual_seed(1234)
+    if cfg.layout == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh(device.type, (world,))
+
+        def make(t: torch.Tensor) -> torch.Tensor:
+            return distribute_tensor(t, mesh, [Shard(0)])
+    elif cfg.layout == "replicated":
+        def make(t: torch.Tensor) -> torch.Tensor:
+            return t
+    else:
+        raise ValueError(f"--layout {cfg.layout!r}: use fsdp2 or replicated")
+    params = []
+    for shape in shapes:
+        params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
+    opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, comm_dtype=cfg.comm_dtype,
+                          plan=cfg.plan)
+    for p in params:
+        p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
+    peak = matmul_tflops(device)
+
+    per_step: list[dict[str, float]] = []
+    for step in range(cfg.warmup + cfg.steps):
+        opt.profile = step >= cfg.warmup
+        opt.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        dist.barrier()
+        opt.step()
+        if opt.profile:
+            per_step.append(dict(opt.phase_seconds))
+        if rank == 0:
+            _progress(step + 1, cfg.warmup + cfg.steps)
+    median = {ph: statistics.median(s[ph] for s in per_step) for ph in PHASES}
+    owned = sum(opt.plan.cost[i] for i, o in enumerate(opt.plan.owner) if o == rank)
+    sent, recv = opt.exchange.bytes_per_step
+    mine = {"rank": rank, "median_s": median, "ns_flops": owned, "sent": sent, "recv": recv}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        report = _report(cfg, everyone, opt, peak, device)
+        print(report["text"])
+        if cfg.json:
+            with open(cfg.json, "w") as f:
+                json.dump({k: v for k, v in report.items() if k != "text"}, f, indent=2)
+
+
+def _report(cfg, ranks, opt, peak, device) -> dict:
+    world = len(ranks)
+    ns = [r["median_s"]["ns"] for r in ranks]
+    mean_ns = sum(ns) / world
+    total = [sum(r["median_s"].values()) for r in ranks]
+    phase_max = {ph: max(r["median_s"][ph] for r in ranks) for ph in PHASES}
+    tflops = [r["ns_flops"] / t / 1e12 if t > 0 else 0.0 for r, t in zip(ranks, ns, strict=True)]
+    flops = sum(r["ns_flops"] for r in ranks)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [
+        f"distributed_muon bench: {len(opt.layout.matrices)} matrices ({cfg.shapes} x "
+        f"{cfg.layers}), "
+        f"{sum(m.m * m.n for m in opt.layout.matrices) / 1e6:.1f}M values, layout {cfg.layout}, "
+        f"N={world} on {name}, ns {cfg.ns_dtype}, comm {cfg.comm_dtype}, plan {cfg.plan}",
+        f"bf16 matmul peak (measured): {peak:.3g} TFLOP/s; NS work {flops / 1e12:.3g} TFLOP/step",
+        "",
+        f"{'phase':<14}" + "".join(f"{'rank ' + str(r['rank']):>11}" for r in ranks)
+        + f"{'max':>11}",
+    ]
+    for ph in PHASES:
+        lines.append(f"{ph + ' ms':<14}" + "".join(f"{r['median_s'][ph] * 1e3:>11.2f}"
+                                                  for r in ranks)
+                     + f"{phase_max[ph] * 1e3:>11.2f}")
+    lines.append(f"{'step ms':<14}" + "".join(f"{t * 1e3:>11.2f}" for t in total)
+                 + f"{max(total) * 1e3:>11.2f}")
+    lines.append(f"{'NS TFLOP/s':<14}" + "".join(f"{t:>11.3g}" for t in tflops))
+    lines.append(f"{'sent MB':<14}" + "".join(f"{r['sent'] / 1e6:>11.4g}" for r in ranks))
+    lines.append(f"{'recv MB':<14}" + "".join(f"{r['recv'] / 1e6:>11.4g}" for r in ranks))
+    measured = max(ns) / mean_ns if mean_ns > 0 else 1.0
+    # On the rank with the most NS work the exchanges hold no wait for slower ranks' NS: its
+    # exchange time is the transfer on the step's critical path.
+    slowest = ranks[ns.index(max(ns))]["median_s"]
+    exchange = slowest["to_owners"] + slowest["to_holders"]
+    ratio = exchange / max(ns) if max(ns) > 0 else float("nan")
+    lines += [
+        "",
+        f"NS imbalance (max/mean): planned {opt.plan.imbalance():.3f}, measured {measured:.3f}",
+        f"exchange / NS time on the busiest rank: {ratio:.3f}",
+    ]
+    return {
+        "config": asdict(cfg),
+        "world": world,
+        "device": name,
+        "matmul_peak_tflops": peak,
+        "ranks": ranks,
+        "planned_imbalance": opt.plan.imbalance(),
+        "measured_imbalance": measured,
+        "exchange_over_ns": ratio,
+        "step_ms_max": max(total) * 1e3,
+        "text": "\n".join(lines),
+    }
+
+
+def _progress(done: int, total: int) -> None:
+    """One line rewritten in place on a terminal; a line per step when piped."""
+    if sys.stdout.isatty():
+        print(f"\rstep {done}/{total}", end="\n" if done == total else "", flush=True)
+    else:
+        print(f"step {done}/{total}", flush=True)
+
+
+def run(cfg: BenchConfig) -> None:
+    """Run the benchmark: in this process's job if launched by torchrun/srun, else on
+    ``cfg.nproc`` local ranks. Raises ValueError for a bad config before any rank starts."""
+    cfg = cfg.resolved()
+    world = env_world_size() if launched_externally() else cfg.nproc
+    if not launched_externally() or os.environ.get("RANK", "0") == "0":
+        print(f"benchmarking {cfg.layers} x ({cfg.shapes}) on {world} rank(s)", flush=True)
+    if launched_externally():
+        _rank_main(cfg)
+    else:
+        spawn(_rank_main, cfg.nproc, cfg)
+

@@ -1,0 +1,218 @@
+"""`dmuon train`'s backends: how the model is sharded, stepped and checkpointed.
+
+Each backend is one object with the same few methods, so the training loop never asks which
+one it runs: `build` wraps the model and makes the optimizer and LR schedule, `step` takes a
+loss through backward and the optimizer, `save`/`load` write and read one checkpoint folder.
+Add a backend by writing a class and naming it in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from distributed_muon import DistributedMuon, checkpoint, muon_param_groups
+
+if TYPE_CHECKING:
+    from distributed_muon.launch.train_config import TrainConfig
+
+LrFactor = Callable[[int], float]
+
+
+def _ns_dtype(device: torch.device) -> str:
+    # bf16 matmuls are slow on CPUs: Newton-Schulz in fp32 there, bf16 on GPUs.
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+class Backend:
+    """The interface; ``checkpoint_format`` names what `save` writes (a resume checks it)."""
+
+    name: ClassVar[str]
+    checkpoint_format: ClassVar[str]
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, lr_factor: LrFactor) -> None:
+        self.cfg, self.device, self.lr_factor = cfg, device, lr_factor
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """Refuse a config this backend cannot run (before any rank starts)."""
+        if cfg.zero_stage is not None:
+            raise ValueError("--zero-stage applies to --backend deepspeed only")
+
+    def build(self, model: nn.Module) -> nn.Module:
+        """Shard ``model``, make the optimizer and schedule; returns the module to call."""
+        raise NotImplementedError
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, optimizer step, zero the gradients, advance the LR schedule."""
+        raise NotImplementedError
+
+    def last_lr(self) -> float:
+        raise NotImplementedError
+
+    def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
+        """Every rank writes its part of a checkpoint into ``folder`` (which exists)."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> dict[str, int | float]:
+        """Restore model, optimizer and schedule from ``folder``; returns the train state."""
+        raise NotImplementedError
+
+
+class _TorchBackend(Backend):
+    """FSDP2 and DDP: our optimizer (or torch's AdamW), torch's schedule, DCP checkpoints."""
+
+    checkpoint_format = "dcp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def build(self, model: nn.Module) -> nn.Module:
+        self.model = self.wrap(model)
+        cfg = self.cfg
+        if cfg.optimizer == "muon":
+            groups = muon_param_groups(model, **model.param_groups_spec())
+            self.opt: torch.optim.Optimizer = DistributedMuon(
+                groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
+                ns_dtype=_ns_dtype(self.device))
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95),
+                                         weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        return self.model
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+
+    def last_lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def _state(self, train_state: dict[str, int | float]) -> dict:
+        state = {"model": get_model_state_dict(self.model),
+                 "train": {k: torch.tensor(v) for k, v in train_state.items()}}
+        if not isinstance(self.opt, DistributedMuon):
+            state["optim"] = get_optimizer_state_dict(self.model, self.opt)
+        return state
+
+    def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
+        state = self._state(train_state)
+        if isinstance(self.opt, DistributedMuon):
+            checkpoint.save(self.opt, str(folder), extra=state)
+        else:
+            dcp.save(state, checkpoint_id=str(folder))
+
+    def load(self, folder: Path) -> dict[str, int | float]:
+        state = self._state({"step": 0, "elapsed": 0.0})
+        if isinstance(self.opt, DistributedMuon):
+            checkpoint.load(self.opt, str(folder), extra=state)
+        else:
+            dcp.load(state, checkpoint_id=str(folder),
+                     planner=checkpoint.WeightsOnlyLoadPlanner())
+            set_optimizer_state_dict(self.model, self.opt, state["optim"])
+        set_model_state_dict(self.model, state["model"])
+        train = {"step": int(state["train"]["step"]),
+                 "elapsed": float(state["train"]["elapsed"])}
+        self.sched.last_epoch = train["step"] - 1
+        with warnings.catch_warnings():  # stepping a scheduler before the optimizer: intended
+            warnings.simplefilter("ignore")
+            self.sched.step()  # the LR of the resumed step
+        return train
+
+
+class FSDP2(_TorchBackend):
+    name = "fsdp2"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+
+class DDP(_TorchBackend):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(model)
+
+
+class DeepSpeed(Backend):
+    """A DeepSpeed engine from a JSON-style config, as a DeepSpeed user writes it."""
+
+    name = "deepspeed"
+    checkpoint_format = "deepspeed"
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise ValueError("--backend deepspeed needs DeepSpeed: pip install "
+                             f"'distributed-muon[deepspeed]' ({err})") from None
+
+    def build(self, model: nn.Module) -> nn.Module:
+        import deepspeed
+        import distributed_muon.integrations.deepspeed  # noqa: F401  (registers the type)
+
+        cfg, world = self.cfg, dist.get_world_size()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        if cfg.optimizer == "muon":
+            params = muon_param_groups(model, **model.param_groups_spec())
+            block = {"type": "DistributedMuon", "params": {
+                "lr": cfg.peak_lr, "weight_decay": cfg.weight_decay,
+                "ns_dtype": _ns_dtype(self.device)}}
+        else:
+            params = model.parameters()
+            block = {"type": "AdamW", "params": {
+                "lr": cfg.peak_lr, "betas": [0.9, 0.95], "weight_decay": cfg.weight_decay,
+                "torch_adam": True}}
+        config = {
+            "train_batch_size": cfg.batch,
+            "train_micro_batch_size_per_gpu": cfg.batch // world,
+            "gradient_accumulation_steps": 1,
+            "optimizer": block,
+            "zero_optimization": {"stage": 2 if cfg.zero_stage is None else cfg.zero_stage},
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        }
+        self.engine, _, _, self.sched = deepspeed.initialize(
+            model=model, model_parameters=params, config=config,
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor))
+        return self.engine
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # optimizer, zero_grad and LR schedule
+
+    def last_lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
+        # DeepSpeed's own format; `latest` is ours (same content as DeepSpeed's own file).
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name,
+                                    client_state=dict(train_state), save_latest=False)
+
+    def load(self, folder: Path) -> dict[str, int | float]:
+        _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        return {"step": client["step"], "elapsed": client["elapsed"]}
+
+
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FSDP2, DDP, DeepSpeed)}

@@ -1,0 +1,51 @@
+"""Command-line flags generated from a config dataclass, so every default lives in one place.
+
+A field becomes ``--its-name`` with the field's default, its ``help`` and ``choices`` from
+`option` metadata; ``bool`` fields with default False become switches. Fields declared with
+``flag=False`` (nested configs, values set by the launcher) get no flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None,
+           flag: bool = True) -> Any:
+    """A dataclass field with its command-line help (``default`` may be a factory's result
+    for immutable values only)."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` -> ``int``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("flag", False):
+            continue
+        name = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        text = meta["help"]
+        if kind is bool:
+            parser.add_argument(name, action="store_true", default=f.default, help=text)
+            continue
+        if f.default is not None:
+            text += f" (default {f.default})"
+        parser.add_argument(name, type=kind, default=f.default, choices=meta["choices"],
+                            help=text, metavar=None if meta["choices"] else f.name.upper())
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config with every flagged field taken from parsed ``args``."""
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("flag", False)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,134 @@
+"""What `dmuon train` shows and writes: progress, ``metrics.jsonl``, the final table, plots.
+
+Only rank 0 reports; the other ranks build these objects disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per step, appended as training goes."""
+
+    def __init__(self, path: Path, writer: bool) -> None:
+        self.path, self.writer = path, writer
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def start_fresh(self) -> None:
+        """A new run: an existing log is kept as ``metrics.previous.jsonl``, not deleted."""
+        if self.writer:
+            if self.path.exists() and self.path.stat().st_size:
+                self.path.replace(self.path.with_suffix(".previous.jsonl"))
+            self.path.write_text("")
+
+    def resume_at(self, step: int) -> list[dict]:
+        """Keep the records up to ``step`` (the checkpoint's); those past it are redone by the
+        resumed run and move to ``metrics.superseded.jsonl``. Returns the kept records."""
+        records = self.read()
+        keep = [r for r in records if r["step"] <= step]
+        if self.writer:
+            dropped = [r for r in records if r["step"] > step]
+            if dropped:
+                with self.path.with_suffix(".superseded.jsonl").open("a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in dropped))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return keep
+
+    def write(self, record: dict) -> None:
+        if self.writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (logs, pipes, CI) a line every 10%.
+
+    ``first`` is the step the run starts from (a resume): the ETA counts only the steps this
+    process has timed.
+    """
+
+    def __init__(self, total: int, enabled: bool, first: int = 0) -> None:
+        self.total, self.enabled, self.first = total, enabled, first
+        self.tty = sys.stdout.isatty()
+        self.start = time.perf_counter()
+        self.next_line = 0
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def update(self, step: int, loss: float, val: tuple[int, float] | None, tok_s: float) -> None:
+        """``val``: the latest (step, validation loss), shown with its step."""
+        if not self.enabled:
+            return
+        frac = step / self.total
+        done = step - self.first
+        spent = time.perf_counter() - self.start
+        eta = spent / done * (self.total - step) if done > 0 else 0.0
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        val_text = f" val {val[1]:.3f} (step {val[0]})" if val is not None else ""
+        line = (f"[{bar}] {step}/{self.total} loss {loss:.3f}{val_text} "
+                f"{tok_s / 1e3:.1f}k tok/s ETA {eta:4.0f}s")
+        if self.tty:
+            print("\r" + line, end="", flush=True)
+        elif frac >= self.next_line / 10 or step == self.total:
+            print(line, flush=True)
+            self.next_line = int(frac * 10) + 1
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(flush=True)
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = (f"{'optimizer':<10}{'steps':>7}{'tokens':>10}{'wall s':>9}{'tok/s':>9}"
+            f"{'train loss':>12}{'val loss':>10}")
+    lines = [head]
+    for r in rows:
+        val = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
+        lines.append(f"{r['optimizer']:<10}{r['steps']:>7}{r['tokens']:>10}{r['wall_s']:>9.1f}"
+                     f"{r['tokens_per_s']:>9.0f}{r['train_loss']:>12.4f}{val:>10}")
+    return "\n".join(lines)
+
+
+def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
+    """Train loss (thin) and validation loss (markers) per step, one color per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, records) in enumerate(runs.items()):
+        color = f"C{i}"
+        steps = [r["step"] for r in records]
+        ax.plot(steps, [r["loss"] for r in records], color=color, alpha=0.35, lw=0.8)
+        val_steps = [r["step"] for r in records if "val_loss" in r]
+        if val_steps:
+            ax.plot(val_steps, [r["val_loss"] for r in records if "val_loss" in r], "o-",
+                    color=color, label=f"{name} validation")
+        ax.plot([], [], color=color, alpha=0.35, label=f"{name} train")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    ax.set_title("dmuon train: tiny MoE on the Python stdlib")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_report(out: Path, results: dict[str, dict]) -> None:
+    """``compare.png`` and one table for runs written to ``out/<name>/``."""
+    runs = {name: MetricsLog(out / name / "metrics.jsonl", False).read() for name in results}
+    plot_losses(runs, out / "compare.png")
+    print("\n" + summary_table(list(results.values())))
+    print(f"plot: {out / 'compare.png'}")

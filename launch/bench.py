@@ -50,7 +50,9 @@ class BenchConfig:
     steps: int = option(10, "timed steps")
     warmup: int = option(3, "untimed steps first")
     device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
-    ns_dtype: str = option("bf16", "Newton-Schulz compute dtype")
+    ns_dtype: str | None = option(
+        None, "Newton-Schulz compute dtype (default bf16 on GPUs; fp32 on CPUs, whose bf16 "
+        "matmuls are slow)")
     comm_dtype: str = option("bf16", "exchange dtype")
     plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
     json: str | None = option(None, "also write the results as JSON to this file")
@@ -68,7 +70,8 @@ class BenchConfig:
         shapes = self.shapes or (DEFAULT_SHAPES if cuda else CPU_SHAPES)
         parse_shapes(shapes)
         layers = self.layers or (DEFAULT_LAYERS if cuda else CPU_LAYERS)
-        return replace(self, shapes=shapes, layers=layers)
+        ns_dtype = self.ns_dtype or ("bf16" if cuda else "fp32")
+        return replace(self, shapes=shapes, layers=layers, ns_dtype=ns_dtype)
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:

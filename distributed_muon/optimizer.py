@@ -59,6 +59,27 @@ GROUP_OPTIONS: dict[str, Any] = {
     "matrix_view": "experts",  # group only: how a >2-D parameter is seen as matrices
 }
 
+# Options of other optimizers users pass by habit, and ours that do the same thing.
+MISNAMED_OPTIONS = {
+    "betas": "adamw_betas (the betas of the AdamW part; Muon's momentum is `momentum`)",
+    "adam_betas": "adamw_betas",
+    "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
+}
+OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "sharding")
+
+
+def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
+    """The error for option names `DistributedMuon` does not have: a misnamed one names its
+    replacement, otherwise every valid name is listed (``wide``: the optimizer-wide ones the
+    caller accepts)."""
+    names = sorted(names)
+    hints = [f"use {MISNAMED_OPTIONS[n]} instead of {n}" for n in names if n in MISNAMED_OPTIONS]
+    if hints:
+        return TypeError("DistributedMuon: " + "; ".join(hints))
+    return TypeError(f"unknown DistributedMuon option(s) {names}: valid options are "
+                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {list(wide)}")
+
+
 # The group options that make up a matrix's `NSOptions` (its batching key), by field.
 NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_dtype",
                   "eps": "eps", "scale": "scale"}
@@ -115,7 +136,10 @@ class DistributedMuon(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         sharding: Sharding | None = None,
         plan: str = "lpt",
+        **unknown: Any,
     ) -> None:
+        if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
+            raise unknown_options_error(unknown)
         # The keyword arguments that are group options (all but the group-only ones).
         args = locals()
         defaults = group_defaults(**{k: args[k] for k in GROUP_OPTIONS if k in args})
@@ -338,10 +362,9 @@ class DistributedMuon(Optimizer):
 def group_defaults(**options: Any) -> dict[str, Any]:
     """`DistributedMuon`'s per-group defaults with ``options`` applied (for adapters that build
     the optimizer from a config). An unknown name raises, listing the valid ones."""
-    unknown = sorted(set(options) - set(GROUP_OPTIONS))
+    unknown = set(options) - set(GROUP_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown DistributedMuon option(s) {unknown}: valid options are "
-                        f"{sorted(GROUP_OPTIONS)} and comm_dtype")
+        raise unknown_options_error(unknown)
     return {**GROUP_OPTIONS, **options}
 
 
@@ -363,8 +386,12 @@ def ns_options(group: dict[str, Any]) -> NSOptions:
 
 def validate_group(group: dict[str, Any]) -> None:
     """Check and normalize one param group's options; every error names the fix."""
-    if "comm_dtype" in group:
-        raise ValueError("comm_dtype is optimizer-wide: pass it to DistributedMuon, not a group")
+    for key in OPTIMIZER_WIDE:
+        if key in group:
+            raise ValueError(f"{key} is optimizer-wide: pass it to DistributedMuon, not a group")
+    misnamed = set(group) & set(MISNAMED_OPTIONS)  # would be silently ignored in a group
+    if misnamed:
+        raise ValueError(str(unknown_options_error(misnamed)))
     check_range("lr", group["lr"], 0.0)
     check_range("momentum", group["momentum"], 0.0, 1.0)
     check_range("weight_decay", group["weight_decay"], 0.0)

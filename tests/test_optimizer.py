@@ -338,8 +338,20 @@ def test_constructor_defaults_are_the_option_table():
     assert keywords == {k: v for k, v in GROUP_OPTIONS.items() if k not in group_only}
     assert DistributedMuon([torch.zeros(4, 4)]).defaults == GROUP_OPTIONS
     assert group_defaults(lr=0.5) == {**GROUP_OPTIONS, "lr": 0.5}
-    with pytest.raises(TypeError, match="unknown DistributedMuon option"):
-        group_defaults(betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="unknown DistributedMuon option.*'plan'"):
+        group_defaults(momentun=0.9)
+
+
+def test_options_of_other_optimizers_name_ours():
+    w = torch.zeros(4, 4)
+    with pytest.raises(TypeError, match="use adamw_betas .* instead of betas"):
+        DistributedMuon([w], betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="use adamw_betas .* instead of betas"):
+        DistributedMuon([{"params": [w], "betas": (0.9, 0.99)}])  # else silently ignored
+    with pytest.raises(TypeError, match="use scale .* instead of adjust_lr_fn"):
+        DistributedMuon([w], adjust_lr_fn="match_rms_adamw")
+    with pytest.raises(ValueError, match="plan is optimizer-wide"):
+        DistributedMuon([{"params": [w], "plan": "lpt"}])
 
 
 def test_batches_carry_their_options_and_view():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from distributed_muon.launch.bench import parse_shapes
+
 from distributed_muon.plan import ns_flops
 
 

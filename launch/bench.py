@@ -10,7 +10,6 @@ device's bf16 matmul rate.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from distributed_muon.launch.local import (
     env_world_size,
     init_process_group_from_env,
     launched_externally,
+    leads_job,
     spawn,
 )
 
@@ -230,7 +230,7 @@ def run(cfg: BenchConfig) -> None:
     ``cfg.nproc`` local ranks. Raises ValueError for a bad config before any rank starts."""
     cfg = cfg.resolved()
     world = env_world_size() if launched_externally() else cfg.nproc
-    if not launched_externally() or os.environ.get("RANK", "0") == "0":
+    if leads_job():
         print(f"benchmarking {cfg.layers} x ({cfg.shapes}) on {world} rank(s)", flush=True)
     if launched_externally():
         _rank_main(cfg)

@@ -45,6 +45,14 @@ def launched_externally() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
+def leads_job() -> bool:
+    """True in the process that should print job-level notes: a local launcher, or rank 0
+    of a torchrun/srun job."""
+    if not launched_externally():
+        return True
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "0"
+
+
 def env_world_size() -> int | None:
     """The job's world size from torchrun/SLURM variables, or None when not launched."""
     if "WORLD_SIZE" in os.environ:

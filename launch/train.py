@@ -27,6 +27,7 @@ from distributed_muon.launch.local import (
     end_process_group,
     init_process_group_from_env,
     launched_externally,
+    leads_job,
     spawn,
 )
 from distributed_muon.launch.reporting import (
@@ -62,8 +63,9 @@ def main(cfg: TrainConfig) -> dict:
 
 def _launch(cfg: TrainConfig) -> dict:
     cfg, notes = prepare(cfg)
-    for note in notes:
-        print(note, flush=True)
+    if leads_job():
+        for note in notes:
+            print(note, flush=True)
     if launched_externally():
         _rank_main(cfg)
     else:

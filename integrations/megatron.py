@@ -1,0 +1,345 @@
+"""Megatron-core tensor-parallel (and expert-parallel) parameters.
+
+Megatron keeps one shard of each tensor-parallel weight per TP rank, described by attributes on
+the parameter: ``tensor_model_parallel``, ``partition_dim`` (0: a column-parallel weight holds
+a block of rows of the full matrix; 1: a row-parallel weight holds a block of columns) and
+``partition_stride`` (GLU's ``linear_fc1`` uses 2: a rank holds every TP-size-th chunk of rows).
+Everything else (norms, biases of row-parallel layers, ...) is whole on every rank.
+
+The exchange runs over the tensor-and-data-parallel group of the pipeline stage (context
+parallel included). Replica ids name the set of ranks that together hold one copy: the TP group
+for TP weights, the rank itself for parameters that are whole everywhere, so every logical
+matrix is orthogonalized once across TP x DP.
+
+Experts (module ``is_expert``, ``allreduce=False`` when expert parallelism is on): their shards
+follow the module's own ``tp_group`` (Megatron's expert-TP group). Under expert parallelism the
+i-th local expert differs on every EP rank, so the parameter is described as the stack of the
+EP ranks' i-th experts, a ``[EP, m, n]`` tensor of EP matrices (the optimizer sees its global
+shape as 3-D).
+
+A fused ``linear_qkv`` weight stores, per query group, the group's query heads, then its key,
+then its value rows; a TP shard holds whole query groups. Megatron's ``--muon-split-qkv``
+orthogonalizes three matrices: all query rows, all key rows, all value rows. When a param group
+asks for that split (``row_blocks`` = `MegatronSharding.qkv_row_blocks`), the adapter describes
+the weight in the grouped row order ``[Q; K; V]`` (its regions say where each group's rows sit
+in local storage), so the core sees three contiguous row blocks. Any other ``row_blocks`` keep
+Megatron's storage order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed_muon.layout import Block, Region
+from distributed_muon.params import MatrixSpec, muon_param_groups
+
+SUPPORTED = ">=0.16.1,<0.20"  # megatron-core releases the tests run against (see docs/megatron.md)
+
+
+@dataclass(frozen=True)
+class _Info:
+    """How one parameter is laid out: what the adapter needs for `regions` and `shape`."""
+
+    name: str
+    shape: tuple[int, ...]  # global shape the optimizer sees (3-D for EP-stacked experts)
+    dim: int | None  # TP partition dim, None when whole on every rank of its TP group
+    stride: int
+    tp_size: int
+    tp_rank: int
+    replica: int
+    ep_size: int  # > 1: stacked over the EP ranks, this rank's slot is ep_rank
+    ep_rank: int
+    qkv: tuple[int, int, int] | None  # (query rows, key rows, value rows) of one query group
+
+
+def _global_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    if group is None:
+        return [dist.get_rank()]
+    return dist.get_process_group_ranks(group)
+
+
+def _modules(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    out = []
+    for i, chunk in enumerate(chunks):
+        prefix = f"{i}." if len(chunks) > 1 else ""
+        out.extend((prefix + name, mod) for name, mod in chunk.named_modules())
+    return out
+
+
+def _parallel_state():
+    try:
+        from megatron.core import parallel_state
+    except ImportError as err:  # pragma: no cover - the guard the error message names
+        raise ImportError(
+            "MegatronSharding needs megatron-core: pip install 'distributed-muon[megatron]'"
+        ) from err
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron.core.parallel_state is not initialized: call "
+            "parallel_state.initialize_model_parallel(...) before building the optimizer, or "
+            "pass group=, tp_group= and expert_group= to MegatronSharding"
+        )
+    return parallel_state
+
+
+class MegatronSharding:
+    """Adapter for the parameters of Megatron-core model chunks of one pipeline stage.
+
+    ``model``: the stage's model (or list of virtual-pipeline chunks); parameter names give the
+    QKV weights and experts, modules give each layer's TP group. Groups default to
+    ``megatron.core.parallel_state``'s: ``group`` the tensor-and-data-parallel group (with
+    context parallel), ``tp_group`` the tensor-parallel group (for layers without their own
+    ``tp_group``), ``expert_group`` the expert-model-parallel group.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        group: dist.ProcessGroup | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+        expert_group: dist.ProcessGroup | None = None,
+        expert_tp_ep_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if group is None or tp_group is None:
+            ps = _parallel_state()
+            if group is None:
+                group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            if tp_group is None:
+                tp_group = ps.get_tensor_model_parallel_group()
+            if expert_group is None and expert_tp_ep_group is None:
+                expert_group = ps.get_expert_model_parallel_group()
+                expert_tp_ep_group = ps.get_expert_tensor_and_model_parallel_group()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        members = set(_global_ranks(group))
+        named = (("tp_group", tp_group), ("expert_group", expert_group),
+                 ("expert_tp_ep_group", expert_tp_ep_group))
+        for label, g in named:
+            if g is not None and not set(_global_ranks(g)) <= members:
+                raise ValueError(
+                    f"{label} {_global_ranks(g)} is not inside the exchange group "
+                    f"{sorted(members)}: pass group= the tensor-and-data-parallel group of the "
+                    "pipeline stage"
+                )
+        if (expert_group is None) != (expert_tp_ep_group is None):
+            raise ValueError("pass both expert_group= (expert model parallel) and "
+                             "expert_tp_ep_group= (expert tensor x model parallel), or neither")
+        self._tp_group = tp_group
+        self._expert_group = expert_group
+        self._expert_tp_ep_group = expert_tp_ep_group
+        self._info: dict[int, _Info] = {}
+        for mod_name, mod in _modules(model):
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) not in self._info:
+                    name = f"{mod_name}.{pname}" if mod_name else pname
+                    self._info[id(p)] = self._describe(name, p, mod)
+
+    # ------------------------------------------------------------ description
+
+    def _describe(self, name: str, p: torch.Tensor, mod: nn.Module) -> _Info:
+        is_expert = bool(getattr(mod, "is_expert", False)) or getattr(p, "allreduce", True) is False
+        tp_group = getattr(mod, "tp_group", None)
+        if tp_group is None:
+            tp_group = self._tp_group
+        sharded = bool(getattr(p, "tensor_model_parallel", False))
+        dim = getattr(p, "partition_dim", -1) if sharded else None
+        stride = int(getattr(p, "partition_stride", 1)) if sharded else 1
+        local = tuple(p.shape)
+        if sharded and (dim not in (0, 1) or (dim == 1 and p.ndim != 2)):
+            raise ValueError(
+                f"{name}: tensor-parallel partition_dim={dim} of a parameter of local shape "
+                f"{local} is not supported: MegatronSharding handles partition_dim 0 "
+                "(column-parallel) and 1 (row-parallel 2-D weights); put it in an AdamW group "
+                "(use_muon=False) or file an issue"
+            )
+        if sharded and dim == 1 and stride != 1:
+            raise ValueError(
+                f"{name}: partition_stride={stride} on partition_dim 1 is not supported (the "
+                "local columns would not be contiguous blocks): use stride 1"
+            )
+        if sharded and local[dim] % stride:
+            raise ValueError(f"{name}: local size {local[dim]} along partition_dim {dim} is not "
+                             f"a multiple of partition_stride {stride}")
+        tp_ranks = _global_ranks(tp_group) if sharded else [dist.get_rank()]
+        tp_size, tp_rank = len(tp_ranks), tp_ranks.index(dist.get_rank())
+        shape = list(local)
+        if sharded:
+            shape[dim] *= tp_size
+        ep_size, ep_rank = 1, 0
+        owners = tp_ranks  # the ranks that together hold one copy of the parameter
+        if is_expert and self._expert_group is not None:
+            ep_ranks = _global_ranks(self._expert_group)
+            if len(ep_ranks) > 1:
+                ep_size, ep_rank = len(ep_ranks), ep_ranks.index(dist.get_rank())
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"{name}: expert parameter of local shape {local} under expert "
+                        "parallelism: MegatronSharding handles 2-D per-expert weights "
+                        "(SequentialMLP, TEGroupedMLP weightN); put it in an AdamW group"
+                    )
+                shape = [ep_size, *shape]
+                # One copy: the expert-TP x EP ranks of this one (only the EP ranks when the
+                # parameter is whole within expert TP, each expert-TP rank holding a copy).
+                owners = _global_ranks(self._expert_tp_ep_group) if sharded else ep_ranks
+        qkv = None
+        if name.endswith("linear_qkv.weight") and p.ndim == 2:
+            qkv = _qkv_rows(name, mod, shape[-2])
+            if qkv is not None and sharded and (dim != 0 or stride != 1):
+                raise ValueError(f"{name}: a fused QKV weight must be column-parallel with stride "
+                                 f"1 (got partition_dim={dim}, partition_stride={stride})")
+        return _Info(name=name, shape=tuple(shape), dim=dim, stride=stride, tp_size=tp_size,
+                     tp_rank=tp_rank, replica=min(owners), ep_size=ep_size, ep_rank=ep_rank,
+                     qkv=qkv)
+
+    def info(self, param: torch.Tensor) -> _Info:
+        try:
+            return self._info[id(param)]
+        except KeyError:
+            raise ValueError(
+                f"a parameter of shape {tuple(param.shape)} is not a parameter of the model "
+                "given to MegatronSharding: build the adapter from the same model (all its "
+                "virtual-pipeline chunks) the optimizer's param groups come from"
+            ) from None
+
+    def qkv_row_blocks(self, param: torch.Tensor) -> tuple[int, int, int] | None:
+        """``row_blocks`` that split a fused QKV weight as ``--muon-split-qkv`` does (all query
+        rows, all key rows, all value rows), or None for other parameters."""
+        info = self.info(param)
+        if info.qkv is None:
+            return None
+        groups = info.shape[-2] // sum(info.qkv)
+        return tuple(groups * r for r in info.qkv)
+
+    # ------------------------------------------------------------ the Sharding protocol
+
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return torch.Size(self.info(param).shape)
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        return param
+
+    def local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        return param.grad
+
+    def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
+        info = self.info(param)
+        full = info.shape[1:] if info.ep_size > 1 else info.shape
+        rows = full[0] if full else 1
+        cols = math.prod(full[1:])
+        # Rectangles (row0, row1, col0, col1, local offset) in the parameter's own [rows, cols].
+        if info.dim is None:
+            rects = [(0, rows, 0, cols, 0)]
+        elif info.dim == 0:
+            size = rows // info.tp_size // info.stride
+            rects = []
+            for j in range(info.stride):
+                k = j * info.tp_size + info.tp_rank
+                rects.append((k * size, (k + 1) * size, 0, cols, j * size * cols))
+        else:
+            width = cols // info.tp_size
+            rects = [(0, rows, info.tp_rank * width, (info.tp_rank + 1) * width, 0)]
+        if info.qkv is not None and spec.row_blocks == self.qkv_row_blocks(param):
+            rects = _grouped(rects, info.qkv, rows, cols)
+        base = info.ep_rank * rows
+        replica = info.replica
+        return [
+            Region(rank=self.rank, replica=replica, offset=offset,
+                   block=Block(row0=base + r0, row1=base + r1, col0=c0, col1=c1, start=0,
+                               stop=(r1 - r0) * (c1 - c0)))
+            for r0, r1, c0, c1, offset in rects if r1 > r0
+        ]
+
+
+def _qkv_rows(name: str, mod: nn.Module, rows: int) -> tuple[int, int, int] | None:
+    config = getattr(mod, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
+    groups = getattr(config, "num_query_groups", None) or heads
+    channels = getattr(config, "kv_channels", None) or config.hidden_size // heads
+    per_group = (heads // groups * channels, channels, channels)
+    if heads % groups or groups * sum(per_group) != rows:
+        raise ValueError(
+            f"{name}: {rows} rows do not match the config's {heads} heads, {groups} query "
+            f"groups and kv_channels={channels}: MegatronSharding cannot split this QKV weight"
+        )
+    return per_group
+
+
+def _grouped(rects, qkv: tuple[int, int, int], rows: int, cols: int):
+    """Map row rectangles of a fused QKV weight from storage order (per group: q, k, v rows)
+    to the grouped order [all q; all k; all v], cutting at group and section boundaries."""
+    per_group = sum(qkv)
+    groups = rows // per_group
+    starts = (0, groups * qkv[0], groups * (qkv[0] + qkv[1]))  # first row of Q, K, V
+    out = []
+    for r0, r1, c0, c1, offset in rects:
+        if (c0, c1) != (0, cols):
+            raise ValueError("a fused QKV weight must be sharded by rows (column-parallel)")
+        r = r0
+        while r < r1:
+            g, within = divmod(r, per_group)
+            section = 0 if within < qkv[0] else 1 if within < qkv[0] + qkv[1] else 2
+            sec_start = sum(qkv[:section])
+            n = min(r1 - r, sec_start + qkv[section] - within)
+            v0 = starts[section] + g * qkv[section] + within - sec_start
+            out.append((v0, v0 + n, 0, cols, offset + (r - r0) * cols))
+            r += n
+    return out
+
+
+def megatron_param_groups(
+    model: nn.Module | Sequence[nn.Module],
+    sharding: MegatronSharding,
+    *,
+    split_qkv: bool = True,
+    adamw: Iterable[str] = (),
+    adamw_options: dict[str, Any] | None = None,
+    **muon_options: Any,
+) -> list[dict[str, Any]]:
+    """Param groups the way Megatron's Muon splits a model: 2-D weights (per-expert weights
+    included) -> Muon; embeddings, the output layer (``is_embedding_or_output_parameter``,
+    or the names `distributed_muon.params.is_embedding_or_head_name` knows), norms, biases
+    and names matching an ``adamw`` glob -> AdamW. ``split_qkv`` (Megatron's
+    ``--muon-split-qkv``, on by default there too) orthogonalizes Q, K and V of every fused
+    ``linear_qkv`` weight apart."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    if len(chunks) != 1:
+        raise ValueError("megatron_param_groups takes one model chunk at a time; concatenate "
+                         "the groups of each chunk (the sharding covers all of them)")
+    adamw = list(adamw)
+    row_blocks = {}
+    for name, p in chunks[0].named_parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "is_embedding_or_output_parameter", False):
+            adamw.append(name)
+        elif split_qkv and (blocks := sharding.qkv_row_blocks(p)) is not None:
+            row_blocks[name] = blocks
+    return muon_param_groups(chunks[0], adamw=adamw, row_blocks=row_blocks,
+                             adamw_options=adamw_options, **muon_options)
+
+
+def recognize(params, process_group):
+    """Megatron parameters need the model (names, layers' TP groups): refuse to guess.
+
+    Claims nothing unless a parameter carries Megatron's ``tensor_model_parallel`` attribute,
+    and then raises, naming the fix, rather than letting the replicated fallback treat TP
+    shards as whole copies.
+    """
+    if any(getattr(p, "tensor_model_parallel", False) for p in params):
+        raise ValueError(
+            "these are Megatron tensor-parallel parameters: pass "
+            "sharding=MegatronSharding(model) (from distributed_muon.integrations.megatron) "
+            "to DistributedMuon"
+        )
+    return None

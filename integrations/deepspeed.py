@@ -13,22 +13,43 @@ every parameter to its fragment. Without ZeRO (stage 0, fp32) a unit is a whole 
 replicated parameters. Groups are split into Muon and AdamW groups at construction, so a flat
 partition is all Muon (state: ``momentum_buffer``) or all AdamW (``exp_avg``, ``exp_avg_sq``,
 ``step``), shaped like the partition as DeepSpeed's checkpoints expect.
+
+Every read of DeepSpeed's private structures (partition maps, process groups, the call stack
+where DeepSpeed passes nothing) is in `deepspeed_internals`; the checkpoint fragment map is
+built in `deepspeed_checkpoint`, next to the converter that reads it.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations.deepspeed_checkpoint import FRAGMENTS_KEY, fragment_map
+from distributed_muon.integrations.deepspeed_internals import (
+    Partition,
+    calling_engine,
+    flats_of_group,
+    is_partitioned,
+    is_state_setup_step,
+    logical_shape,
+    partition,
+    write_low_precision,
+    zero0_group,
+)
 from distributed_muon.integrations.replicated import ReplicatedSharding
 from torch.optim import Optimizer
 
 from distributed_muon.layout import Region
-from distributed_muon.optimizer import DistributedMuon, group_defaults, validate_group
+from distributed_muon.optimizer import (
+    GROUP_OPTIONS,
+    DistributedMuon,
+    group_defaults,
+    unknown_options_error,
+    validate_group,
+)
 from distributed_muon.options import DTypeLike, parse_dtype
 from distributed_muon.params import MatrixSpec, default_use_muon
 from distributed_muon.plan import STRATEGIES
@@ -36,23 +57,18 @@ from distributed_muon.sharding import Sharding
 
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
+# The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
+_OPTIMIZER_WIDE = ("comm_dtype", "plan")
 
 
 class FlatSharding:
-    """Parameters stored as fragments of one flat tensor (a ZeRO partition).
+    """The `Sharding` of one flat tensor (a ZeRO partition) whose `Partition` says which
+    fragment of which parameter it holds (``fragments[p] = (global start, length, offset)``)."""
 
-    ``fragments[p]`` is ``(global start, length, offset in flat)``: this rank holds values
-    ``[start, start+length)`` of parameter ``p``'s row-major storage at ``flat[offset:]``;
-    a parameter this rank holds nothing of is absent. ``shapes[p]`` is its global shape.
-    """
-
-    def __init__(self, flat: torch.Tensor, fragments: dict[torch.Tensor, tuple[int, int, int]],
-                 shapes: dict[torch.Tensor, torch.Size], group: dist.ProcessGroup | None,
-                 index: int | None = None, replicated: bool = False) -> None:
-        self.flat, self.fragments, self.shapes, self.group = flat, fragments, shapes, group
-        self.index = index  # ZeRO-3: the sub-group; else the flat is its param group's
-        self.replicated = replicated  # every rank holds every value: each rank a replica
-        self.rank = dist.get_rank(group) if group is not None else 0
+    def __init__(self, flat: torch.Tensor, part: Partition) -> None:
+        self.flat, self.fragments, self.shapes, self.group = (
+            flat, part.fragments, part.shapes, part.group)
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
 
     def shape(self, param: torch.Tensor) -> torch.Size:
         return self.shapes[param]
@@ -71,8 +87,7 @@ class FlatSharding:
         if param not in self.fragments:
             return []
         start, length, _ = self.fragments[param]
-        replica = self.rank if self.replicated else 0
-        return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=start,
+        return [Region.flat(rank=self.rank, replica=0, spec=spec, start=start,
                             stop=start + length)]
 
 
@@ -93,22 +108,28 @@ class DeepSpeedMuon(Optimizer):
     the calling DeepSpeed engine's module when the groups carry no names, so embeddings and
     output heads go to AdamW by the core's name rule. Every option is checked here, before the
     first step.
+
+    ``group_params[i]`` and ``group_names[i]`` are the model parameters of param group ``i``
+    and their names (DeepSpeed replaces a group's ``params`` by its flat partitions).
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
                  plan: str = "lpt", **options: Any) -> None:
+        unknown = set(options) - set(GROUP_OPTIONS)
+        if unknown:  # the JSON takes no process_group or sharding: list only what it takes
+            raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
         defaults = group_defaults(**options)
         self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         if plan not in STRATEGIES:
             raise ValueError(f"plan={plan!r} is not valid: use one of {STRATEGIES}")
         self.plan = plan
-        engine = _calling_engine()
+        engine = calling_engine()
         if engine is not None:
             _refuse_unsupported(engine)
-        names = {p: n for n, p in engine.module.named_parameters()} if engine else {}
-        groups, self._group_names = _split_groups(params, defaults, names)
+        names = {p: n for n, p in engine.module.named_parameters()} if engine else None
+        groups, self.group_names = _split_groups(params, defaults, names)
         super().__init__(groups, defaults)
-        self._group_params = [list(g["params"]) for g in self.param_groups]
+        self.group_params = [list(g["params"]) for g in self.param_groups]
         self._groups = list(self.param_groups)  # DeepSpeed swaps the list, never the dicts
         self._units: dict[tuple[int, int], _Unit] = {}
 
@@ -119,7 +140,7 @@ class DeepSpeedMuon(Optimizer):
         for i, p in enumerate(group["params"]):
             name = f"parameter {i} of group {len(self.param_groups) - 1}"
             if group["use_muon"]:
-                MatrixSpec.of(_shape(p), group["row_blocks"], group["matrix_view"], name)
+                MatrixSpec.of(logical_shape(p), group["row_blocks"], group["matrix_view"], name)
             if getattr(p, "use_muon", False):
                 raise ValueError(
                     f"parameter {name} has use_muon=True, which makes DeepSpeed run its own Muon "
@@ -132,86 +153,60 @@ class DeepSpeedMuon(Optimizer):
         """Matrices this rank has orthogonalized, over all steps and units."""
         return sum(u.optimizer.ns_matrices for u in self._units.values())
 
+    def is_partitioned(self, group_index: int) -> bool:
+        """False without ZeRO: the group then holds whole tensors, replicated."""
+        return is_partitioned(self.group_params[group_index][0])
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # DeepSpeed's unfused bf16 wrapper (bf16 without ZeRO) calls step() once at setup
-        # with zero gradients to create state: build the units then, update nothing.
-        setup_only = not self._units and _called_from("FP16_UnfusedOptimizer",
-                                                      "initialize_optimizer_states")
+        # DeepSpeed's setup call (bf16 without ZeRO) builds the units and updates nothing.
+        setup_only = not self._units and is_state_setup_step()
         for group in self.param_groups:
             gi = next(i for i, g in enumerate(self._groups) if g is group)
-            if self._whole(gi):
-                units = [self._unit(gi, None)]  # no ZeRO: whole tensors, replicated
-            else:
+            if self.is_partitioned(gi):
                 units = [self._unit(gi, flat) for flat in group["params"]]
+            else:
+                units = [self._unit(gi, None)]  # no ZeRO: whole tensors, replicated
             if setup_only:
                 continue
             for unit in units:
-                inner = unit.optimizer.param_groups[0]
-                inner.update({k: v for k, v in group.items() if k not in
-                              ("params", *_DEEPSPEED_KEYS)})
+                unit.optimizer.param_groups[0].update(_options(group))
                 unit.optimizer.step()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._groups = list(self.param_groups)  # torch rebuilds the group dicts
-        for (gi, _), unit in self._units.items():
-            self._link_state(gi, unit)
+        self._link_all()
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``dmuon_fragments``: for every flat partition (by its index
-        in ``state``), the fragments of named parameters it holds, so that `convert_checkpoint`
-        can rebuild whole tensors from DeepSpeed's per-rank files without DeepSpeed's layout
-        rules."""
-        out = super().state_dict()
-        fragments, index = {}, 0
-        for gi, group in enumerate(self.param_groups):
-            whole = self._whole(gi)
-            for t in group["params"]:
-                if not whole:
-                    sharding = _flat_sharding(t, self._group_params[gi], group)
-                    names = dict(zip(self._group_params[gi], self._group_names[gi], strict=True))
-                    fragments[index] = {
-                        "flat": gi if sharding.index is None else sharding.index,
-                        "params": [(names[p], tuple(sharding.shapes[p]), *frag)
-                                   for p, frag in sharding.fragments.items()],
-                    }
-                index += 1
-        out["dmuon_fragments"] = fragments
-        return out
+        """torch's state dict plus ``dmuon_fragments``, the map `convert_checkpoint` rebuilds
+        whole tensors by (see `deepspeed_checkpoint.fragment_map`)."""
+        return {**super().state_dict(), FRAGMENTS_KEY: fragment_map(self)}
 
     def load_full_state(self, weights: dict[str, torch.Tensor],
                         states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Set fp32 weights and optimizer state from whole tensors by parameter name (what
         `load_topology_free` reads), at this job's data-parallel size. Call after
         ``deepspeed.initialize`` and before the next step; every rank passes the same tensors."""
-        missing = sorted(n for names in self._group_names for n in names if n not in weights)
+        missing = sorted(n for names in self.group_names for n in names if n not in weights)
         if missing:
             raise ValueError(f"the checkpoint lacks parameters {missing[:5]} of this model")
         for gi, group in enumerate(self._groups):
-            params, names = self._group_params[gi], self._group_names[gi]
-            z3 = getattr(params[0], "_z3_optimizer", None)
-            if z3 is not None:
-                flats = [f for s, f in enumerate(z3.fp32_partitioned_groups_flat)
-                         if z3.sub_group_to_group_id[s] == gi]
-            elif self._whole(gi):
-                flats = []  # no ZeRO: whole tensors (the parameters or their fp32 copies)
+            params, names = self.group_params[gi], self.group_names[gi]
+            if not self.is_partitioned(gi):  # whole tensors: the parameters or fp32 copies
                 for t, name in zip(group["params"], names, strict=True):
                     t.data.copy_(weights[name].view(t.shape))
                     _replace_state(self.state[t], {k: v.view(t.shape) if v.ndim else v.clone()
                                                    for k, v in states.get(name, {}).items()})
-            else:
-                flats = list(group["params"])
             by_name = dict(zip(params, names, strict=True))
-            for flat in flats:
-                sharding = _flat_sharding(flat, params, group)
+            for flat in flats_of_group(gi, params, group["params"]):
                 state: dict[str, torch.Tensor] = {}
-                for p, (start, length, offset) in sharding.fragments.items():
+                for p, (start, length, offset) in partition(flat, params).fragments.items():
                     flat.data.narrow(0, offset, length).copy_(
                         weights[by_name[p]].reshape(-1).narrow(0, start, length))
                     for key, value in states.get(by_name[p], {}).items():
@@ -223,18 +218,11 @@ class DeepSpeedMuon(Optimizer):
                         state[key].narrow(0, offset, length).copy_(
                             value.reshape(-1).narrow(0, start, length))
                 _replace_state(self.state[flat], state)
-            _set_low_precision(params, names, weights, z3)
-        for (gi, _), unit in self._units.items():
-            self._link_state(gi, unit)
+            for p, name in zip(params, names, strict=True):
+                write_low_precision(p, weights[name])
+        self._link_all()
 
     # ------------------------------------------------------------------ units
-
-    def _whole(self, gi: int) -> bool:
-        """True without ZeRO: the group holds whole tensors, replicated over data parallel:
-        the parameters themselves (fp32), or DeepSpeed's fp32 copies of them, in order (bf16).
-        Under ZeRO, DeepSpeed tags the parameters with their partition maps."""
-        p = self._group_params[gi][0]
-        return not hasattr(p, "_hp_mapping") and not hasattr(p, "_z3_optimizer")
 
     def _unit(self, gi: int, flat: torch.Tensor | None) -> _Unit:
         key = (gi, id(flat) if flat is not None else -1)
@@ -243,25 +231,31 @@ class DeepSpeedMuon(Optimizer):
         return self._units[key]
 
     def _build_unit(self, gi: int, flat: torch.Tensor | None) -> _Unit:
+        """The core optimizer of one flat partition over the group it is split over (or, for
+        ``flat=None``, of a whole param group replicated over data parallel)."""
         group = self._groups[gi]
-        options = {k: v for k, v in group.items() if k not in ("params", *_DEEPSPEED_KEYS)}
+        sharding: Sharding
         if flat is None:
-            params, names = list(group["params"]), self._group_names[gi]
-            sharding: Sharding = ReplicatedSharding(_zero0_group(group))
+            params, names = list(group["params"]), self.group_names[gi]
+            sharding = ReplicatedSharding(zero0_group(group))
         elif not group["use_muon"]:
             # AdamW is elementwise: the flat partition itself is the parameter.
             params, names = [flat], [f"group{gi}.flat"]
-            sharding = ReplicatedSharding(_flat_group(self._group_params[gi]))
+            sharding = ReplicatedSharding(partition(flat, self.group_params[gi]).group)
         else:
-            sharding = _flat_sharding(flat, self._group_params[gi], group)
-            order = {p: i for i, p in enumerate(self._group_params[gi])}
+            sharding = FlatSharding(flat, partition(flat, self.group_params[gi]))
+            order = {p: i for i, p in enumerate(self.group_params[gi])}
             params = sorted(sharding.shapes, key=order.__getitem__)
-            names = [self._group_names[gi][order[p]] for p in params]
-        inner = DistributedMuon([{"params": params, "param_names": names, **options}],
+            names = [self.group_names[gi][order[p]] for p in params]
+        inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
                                 comm_dtype=self.comm_dtype, sharding=sharding, plan=self.plan)
         unit = _Unit(inner, flat, sharding)
         self._link_state(gi, unit)
         return unit
+
+    def _link_all(self) -> None:
+        for (gi, _), unit in self._units.items():
+            self._link_state(gi, unit)
 
     def _link_state(self, gi: int, unit: _Unit) -> None:
         """Make the unit's state live in this optimizer's ``state`` (what DeepSpeed saves):
@@ -279,6 +273,11 @@ class DeepSpeedMuon(Optimizer):
             inner.state[p] = {"momentum_buffer": buf.narrow(0, offset, length)}
 
 
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's DistributedMuon options (without its tensors and DeepSpeed's keys)."""
+    return {k: v for k, v in group.items() if k not in ("params", *_DEEPSPEED_KEYS)}
+
+
 def _replace_state(old: dict[str, Any], new: dict[str, Any]) -> None:
     """``old`` becomes ``new``, copying into tensors of the same shape: DeepSpeed keeps views of
     the optimizer state (``_hp_mapping.optim_fragment``) that must stay valid."""
@@ -293,12 +292,16 @@ def _replace_state(old: dict[str, Any], new: dict[str, Any]) -> None:
             old[key] = value
 
 
-def _split_groups(params: Iterable[Any], defaults: dict[str, Any], names: dict[torch.Tensor, str]
+def _split_groups(params: Iterable[Any], defaults: dict[str, Any],
+                  names: dict[torch.Tensor, str] | None
                   ) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Each group in at most two: its Muon parameters and its AdamW parameters (explicit
     ``use_muon``), so every DeepSpeed flat partition is one or the other. Parameters that do
     not require grad are dropped, as DeepSpeed's ZeRO drops them. Returns the groups and their
-    parameter names (kept apart: DeepSpeed replaces a group's ``params`` by its partition)."""
+    parameter names (kept apart: DeepSpeed replaces a group's ``params`` by its partition).
+
+    ``names``: the calling engine's parameter names, None when no engine builds the optimizer;
+    then a group that leaves ``use_muon`` to the rules must name its parameters."""
     groups = list(params)
     if not groups:
         raise ValueError("DistributedMuon got an empty parameter list")
@@ -312,119 +315,29 @@ def _split_groups(params: Iterable[Any], defaults: dict[str, Any], names: dict[t
         given = groups[gi].get("param_names")
         if plist and isinstance(plist[0], tuple):  # named parameters (`muon_param_groups`)
             given, plist = [n for n, _ in plist], [p for _, p in plist]
-        pnames = list(given) if given else [names.get(p, f"group{gi}.{i}")
+        use = group.get("use_muon", defaults["use_muon"])
+        if not given and names is None and use is None:
+            raise ValueError(
+                f"DistributedMuon: the parameters of group {gi} have no names and no DeepSpeed "
+                "engine is building the optimizer to name them, so embeddings and output heads "
+                "cannot be told from matrices: pass named groups, "
+                "distributed_muon.muon_param_groups(model), or \"param_names\" per group, or "
+                "set \"use_muon\" on the group"
+            )
+        pnames = list(given) if given else [(names or {}).get(p, f"group{gi}.{i}")
                                             for i, p in enumerate(plist)]
         parts: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
         for p, name in zip(plist, pnames, strict=True):
             if not p.requires_grad:
                 continue
-            use = group.get("use_muon", defaults["use_muon"])
-            if use is None:
-                use = default_use_muon(_shape(p), name)
-            parts[bool(use)][0].append(p)
-            parts[bool(use)][1].append(name)
-        for use in (True, False):
-            if parts[use][0]:
-                out.append({**group, "params": parts[use][0], "use_muon": use})
-                out_names.append(parts[use][1])
+            muon = default_use_muon(logical_shape(p), name) if use is None else use
+            parts[bool(muon)][0].append(p)
+            parts[bool(muon)][1].append(name)
+        for muon in (True, False):
+            if parts[muon][0]:
+                out.append({**group, "params": parts[muon][0], "use_muon": muon})
+                out_names.append(parts[muon][1])
     return out, out_names
-
-
-def _shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's shape as a layer (ZeRO-3 partitioned parameters keep it in ``ds_shape``)."""
-    return torch.Size(getattr(p, "ds_shape", p.shape))
-
-
-def _flat_sharding(flat: torch.Tensor, group_params: list[torch.Tensor],
-                   group_of: dict[str, Any]) -> FlatSharding:
-    """Which fragment of which parameter ``flat`` holds, from DeepSpeed's own maps."""
-    shapes = {p: _shape(p) for p in group_params}
-    z3 = getattr(group_params[0], "_z3_optimizer", None)
-    fragments: dict[torch.Tensor, tuple[int, int, int]] = {}
-    sub = None
-    if z3 is not None:  # ZeRO-3: every parameter is split evenly, padded, over the group
-        sub = next(i for i, t in enumerate(z3.fp32_partitioned_groups_flat) if t is flat)
-        params = z3.fp16_groups[sub]
-        group = z3._get_sub_group_process_group(sub)
-        rank = dist.get_rank(group)
-        for p in params:
-            _, offset, part = z3.grad_position[z3.get_param_id(p)]
-            start, stop = rank * part, min((rank + 1) * part, p.ds_numel)
-            if start < stop:
-                fragments[p] = (start, stop - start, offset)
-        shapes = {p: shapes[p] for p in params}
-    else:  # ZeRO-1/2 and BF16_Optimizer: a flat range of the group's flattened parameters
-        group = None
-        for p in group_params:
-            group = getattr(p, "_dp_group", group)
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None or mapping.hp_fragment.data_ptr() != (
-                flat.data_ptr() + mapping.hp_fragment_address.start * flat.element_size()
-            ):
-                continue
-            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-            fragments[p] = (lp.start, lp.numel, hp.start)
-    if group is not None and dist.get_world_size(group) == 1:
-        group = None
-    return FlatSharding(flat, fragments, shapes, group, sub if z3 is not None else None)
-
-
-def _set_low_precision(params: list[torch.Tensor], names: list[str],
-                       weights: dict[str, torch.Tensor], z3: Any) -> None:
-    """The model's own (bf16 or fp32) copy of the weights, which forward reads."""
-    for p, name in zip(params, names, strict=True):
-        full = weights[name].reshape(-1)
-        if z3 is None:
-            p.data.copy_(full.view(p.shape))
-            continue
-        part = p.ds_tensor.numel()
-        rank = dist.get_rank(z3._get_param_partition_group(p))
-        start, stop = rank * part, min((rank + 1) * part, p.ds_numel)
-        if start < stop:
-            p.ds_tensor.data.narrow(0, 0, stop - start).copy_(full.narrow(0, start, stop - start))
-
-
-def _flat_group(group_params: list[torch.Tensor]) -> dist.ProcessGroup | None:
-    """The process group a flat partition is split over (for a collective finite check)."""
-    z3 = getattr(group_params[0], "_z3_optimizer", None)
-    group = z3.dp_process_group if z3 is not None else getattr(group_params[0], "_dp_group", None)
-    return group if group is not None and dist.get_world_size(group) > 1 else None
-
-
-def _zero0_group(group: dict[str, Any]) -> dist.ProcessGroup | None:
-    """Without ZeRO the engine all-reduces over data parallel, or expert data parallel."""
-    from deepspeed.utils import groups
-
-    if group.get("moe"):
-        pg = groups._get_expert_data_parallel_group(group["name"])
-    else:
-        pg = groups._get_data_parallel_group()
-    return pg if dist.get_world_size(pg) > 1 else None
-
-
-def _calling_engine() -> Any:
-    """The ``DeepSpeedEngine`` building this optimizer from its config, if any (for parameter
-    names and the ZeRO config, which DeepSpeed does not pass to optimizers)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, DeepSpeedEngine):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def _called_from(cls_name: str, function: str) -> bool:
-    """True when a caller is method ``function`` of an object of class ``cls_name``."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == function and \
-                type(frame.f_locals.get("self")).__name__ == cls_name:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _refuse_unsupported(engine: Any) -> None:

@@ -3,8 +3,9 @@
 DeepSpeed stores each rank's flat partitions (fp32 weights and optimizer state) in its own
 ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` and can re-partition Adam state only. Here
 `convert_checkpoint` rebuilds whole tensors per parameter from those files, using the fragment
-map `DeepSpeedMuon` adds to its state dict, and writes them with ``torch.distributed.checkpoint``:
-``model/<name>`` (fp32 weights) and ``dmuon/<name>/<state>@0`` (momentum, AdamW moments).
+map (`fragment_map`) `DeepSpeedMuon` adds to its state dict, and writes them with
+``torch.distributed.checkpoint``: ``model/<name>`` (fp32 weights) and
+``dmuon/<name>/<state>@0`` (momentum, AdamW moments).
 `load_topology_free` puts such a checkpoint into a running engine at any data-parallel size
 and ZeRO stage.
 """
@@ -16,14 +17,50 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from distributed_muon.integrations.deepspeed_internals import partition
 
 from distributed_muon.checkpoint import _FORMAT, _META, _PREFIX, WeightsOnlyLoadPlanner
 
+if TYPE_CHECKING:
+    from distributed_muon.integrations.deepspeed import DeepSpeedMuon
+
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+# The state dict entry that holds `fragment_map`; without it a file cannot be converted.
+FRAGMENTS_KEY = "dmuon_fragments"
+# One flat partition read back: the flat fp32 tensor, its optimizer state, and its fragments
+# (name, shape, start, length, offset) as `fragment_map` wrote them.
+_Fragment = tuple[str, tuple[int, ...], int, int, int]
+_Flat = tuple[torch.Tensor, dict[str, torch.Tensor], list[_Fragment]]
+
+
+def fragment_map(opt: DeepSpeedMuon) -> dict[int, dict[str, Any]]:
+    """What each flat partition of ``opt`` holds, saved in its state dict so that
+    `convert_checkpoint` needs none of DeepSpeed's layout rules.
+
+    For every flat partition, by its index in torch's ``state`` (its position among all
+    groups' ``params``): ``{"flat": k, "params": [(name, shape, start, length, offset), ...]}``,
+    ``k`` its index in the rank file's list of flat fp32 tensors (its param group, or its
+    ZeRO-3 sub-group), one tuple per parameter it holds a fragment of. Without ZeRO a group
+    holds whole tensors, which DeepSpeed's checkpoint already saves whole: no entry."""
+    fragments: dict[int, dict[str, Any]] = {}
+    index = 0
+    for gi, group in enumerate(opt.param_groups):
+        params = opt.group_params[gi]
+        names = dict(zip(params, opt.group_names[gi], strict=True))
+        for flat in group["params"]:
+            if opt.is_partitioned(gi):
+                part = partition(flat, params)
+                fragments[index] = {
+                    "flat": gi if part.sub_group is None else part.sub_group,
+                    "params": [(names[p], tuple(part.shapes[p]), *fragment)
+                               for p, fragment in part.fragments.items()],
+                }
+            index += 1
+    return fragments
 
 
 def _read_rank_file(path: Path) -> dict[str, Any]:
@@ -35,6 +72,23 @@ def _read_rank_file(path: Path) -> dict[str, Any]:
 
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+
+
+def _read_fragments(path: Path) -> tuple[int, list[dict[str, Any]], list[_Flat]]:
+    """One rank's file: its ZeRO stage, its param groups' options, and for every flat
+    partition in its fragment map the flat fp32 tensor, its state and its fragments."""
+    sd = _read_rank_file(path)
+    if "fp32_flat_groups" in sd:  # ZeRO-3
+        inner, fp32 = sd["optimizer_state_dict"], sd["fp32_flat_groups"]
+    else:  # ZeRO-1/2 and BF16_Optimizer (whose files carry no zero_stage)
+        inner, fp32 = sd["base_optimizer_state"], sd["single_partition_of_fp32_groups"]
+    if not isinstance(inner, dict) or FRAGMENTS_KEY not in inner:
+        raise ValueError(f"{path} was not saved by DistributedMuon's DeepSpeed optimizer "
+                         "(no fragment map): only its checkpoints can be converted")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+    flats = [(fp32[info["flat"]].float(), inner["state"].get(index, {}), info["params"])
+             for index, info in inner[FRAGMENTS_KEY].items()]
+    return int(sd.get("zero_stage", 1)), groups, flats
 
 
 def _rank_files(src: Path) -> list[Path]:
@@ -66,20 +120,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path,
     for rank, path in enumerate(files):
         if progress:
             progress(f"reading rank {rank + 1}/{len(files)}: {path.name}")
-        sd = _read_rank_file(path)
-        if "fp32_flat_groups" in sd:  # ZeRO-3
-            inner, fp32 = sd["optimizer_state_dict"], sd["fp32_flat_groups"]
-        else:  # ZeRO-1/2 and BF16_Optimizer (whose files carry no zero_stage)
-            inner, fp32 = sd["base_optimizer_state"], sd["single_partition_of_fp32_groups"]
-        stage = int(sd.get("zero_stage", 1))
-        if not isinstance(inner, dict) or "dmuon_fragments" not in inner:
-            raise ValueError(f"{path} was not saved by DistributedMuon's DeepSpeed optimizer "
-                             "(no fragment map): only its checkpoints can be converted")
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
-        for index, info in inner["dmuon_fragments"].items():
-            flat = fp32[info["flat"]].float()
-            state = inner["state"].get(index, {})
-            for name, shape, start, length, offset in info["params"]:
+        stage, groups, flats = _read_fragments(path)
+        for flat, state, params in flats:
+            for name, shape, start, length, offset in params:
                 numel = math.prod(shape)
                 shapes[name] = tuple(shape)
                 whole = weights.setdefault(name, torch.zeros(numel))

@@ -308,7 +308,8 @@ def _bad_config_worker(rank, world, cases):
 BAD_CONFIGS = [
     ({"momentum": 1.5}, {}, "momentum"),
     ({"ns_dtype": "int8"}, {}, "ns_dtype"),
-    ({"lr": 0.02, "betas": [0.9, 0.95]}, {}, "unknown DistributedMuon option"),
+    ({"lr": 0.02, "betas": [0.9, 0.95]}, {}, "adamw_betas"),
+    ({"bogus_option": 1}, {}, "unknown DistributedMuon option"),
     ({"scale": "bogus"}, {}, "scale"),
     ({"plan": "random"}, {}, "plan"),
     ({}, {"fp16": {"enabled": True}}, "fp16"),
@@ -322,6 +323,41 @@ def test_bad_configs_fail_before_the_first_step():
                           timeout=200)
     for (params, extra, message), error in zip(BAD_CONFIGS, errors):
         assert error is not None and message in error, (params, extra, error)
+
+
+def test_unknown_option_lists_what_the_json_takes():
+    """The JSON ``params`` take the group options plus ``comm_dtype`` and ``plan``; the core's
+    Python-only ``process_group`` and ``sharding`` are not offered."""
+    from distributed_muon.integrations.deepspeed import DeepSpeedMuon
+
+    with pytest.raises(TypeError) as err:
+        DeepSpeedMuon(_model().parameters(), bogus_option=1)
+    message = str(err.value)
+    for name in ("bogus_option", "comm_dtype", "plan", "adamw_betas", "ns_schedule"):
+        assert name in message, message
+    assert "process_group" not in message and "sharding" not in message, message
+
+
+def test_unnamed_parameters_without_an_engine_are_refused():
+    """Built outside ``deepspeed.initialize`` (no engine to name them), unnamed parameters
+    would go to Muon by shape, the embedding and the head included: refused, naming the fix.
+    Named groups, ``param_names`` and groups that set ``use_muon`` need no engine."""
+    from distributed_muon.integrations.deepspeed import DeepSpeedMuon
+
+    from distributed_muon import muon_param_groups
+
+    model = _model()
+    with pytest.raises(ValueError, match="muon_param_groups") as err:
+        DeepSpeedMuon(model.parameters(), lr=0.02)
+    assert "param_names" in str(err.value)
+    named = DeepSpeedMuon(muon_param_groups(model), lr=0.02)
+    assert [len(g) for g in named.group_names] == [2, 4]  # fc1/fc2 weights; the rest AdamW
+    names, params = zip(*model.named_parameters())
+    by_names = DeepSpeedMuon([{"params": list(params), "param_names": list(names)}])
+    assert sorted(by_names.group_names[0]) == ["fc1.weight", "fc2.weight"]
+    explicit = DeepSpeedMuon([{"params": [model.fc1.weight], "use_muon": True},
+                              {"params": [model.embed.weight], "use_muon": False}])
+    assert [g["use_muon"] for g in explicit.param_groups] == [True, False]
 
 
 def _use_muon_worker(rank, world):

@@ -28,7 +28,7 @@ from distributed_muon.options import (
     check_range,
     parse_dtype,
 )
-from distributed_muon.orthogonalize import NSOptions, orthogonalize, resolve_schedule
+from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan, ns_flops
 from distributed_muon.scale import SCALE_MODES, shape_scale
@@ -48,6 +48,7 @@ GROUP_OPTIONS: dict[str, Any] = {
     "ns_schedule": "jordan",
     "ns_steps": 5,
     "ns_dtype": torch.bfloat16,
+    "ns_method": "standard",  # or "gram"; the GPU default waits for a GPU benchmark (issue 12)
     "eps": 1e-7,
     "adamw_lr": None,
     "adamw_betas": (0.9, 0.95),
@@ -82,7 +83,7 @@ def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_
 
 # The group options that make up a matrix's `NSOptions` (its batching key), by field.
 NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_dtype",
-                  "eps": "eps", "scale": "scale"}
+                  "eps": "eps", "scale": "scale", "method": "ns_method"}
 # Options fixed at construction: they decide the layout (which parameters are matrices and
 # how they are cut) or the batching. A checkpoint must agree on them to load.
 STRUCTURAL_OPTIONS = (*NS_OPTION_KEYS.values(), "use_muon", "row_blocks", "matrix_view")
@@ -101,7 +102,9 @@ class DistributedMuon(Optimizer):
     Args mirror ``torch.optim.Muon`` where it has them (``lr``, ``momentum``, ``nesterov``,
     ``weight_decay``, ``eps``, ``ns_steps``; ``scale`` is its ``adjust_lr_fn``). Dtype options
     accept ``torch.bfloat16``/``"bf16"``/``"bfloat16"`` and ``torch.float32``/``"fp32"``/
-    ``"float32"``. Group keys beyond the options: ``use_muon`` (True/False/None = auto),
+    ``"float32"``. ``ns_method`` is ``"standard"`` or ``"gram"`` (Gram Newton-Schulz: the same
+    map, fewer FLOPs for wide matrices; see `distributed_muon.orthogonalize`). Group keys beyond
+    the options: ``use_muon`` (True/False/None = auto),
     ``row_blocks`` (split of a fused weight's rows) and ``matrix_view`` ("experts"/"flatten").
 
     ``comm_dtype``, ``process_group``, ``sharding`` and ``plan`` are optimizer-wide:
@@ -132,6 +135,7 @@ class DistributedMuon(Optimizer):
         adamw_weight_decay: float | None = None,
         adamw_bias_correction: bool = True,
         comm_dtype: DTypeLike = torch.bfloat16,
+        ns_method: str = "standard",
         *,
         process_group: dist.ProcessGroup | None = None,
         sharding: Sharding | None = None,
@@ -206,7 +210,8 @@ class DistributedMuon(Optimizer):
             local_dtype = torch.promote_types(local_dtype, t.dtype)
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
-        costs = [ns_flops(m.m, m.n, m.key.steps) for m in self.layout.matrices]
+        costs = [ns_flops(m.m, m.n, m.key.steps, m.key.method, m.key.restart)
+                 for m in self.layout.matrices]
         self.plan = OwnershipPlan.build(self.layout, costs, strategy)
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
@@ -402,6 +407,7 @@ def validate_group(group: dict[str, Any]) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
         raise ValueError(f"ns_steps={steps!r} is not valid: must be an integer in [1, 100]")
     group["ns_dtype"] = parse_dtype(group["ns_dtype"], "ns_dtype")
+    check_method(group["ns_method"])
     check_range("eps", group["eps"], 0.0)
     if group["adamw_lr"] is not None:
         check_range("adamw_lr", group["adamw_lr"], 0.0)

@@ -5,6 +5,12 @@
 values, so every singular value `sigma` of the Frobenius-normalized input goes through the same
 scalar map `p_k(...p_2(p_1(sigma)))`; `schedule_band` evaluates that map to say where the output
 singular values land.
+
+Two methods compute the same map. ``"standard"`` iterates on ``X`` itself. ``"gram"`` (Gram
+Newton-Schulz, Zhang, Amsel, Chen, Dao 2026) uses that every step multiplies ``X`` by a
+polynomial of the Gram matrix: it iterates on ``m x m`` matrices only and touches the ``m x n``
+``X`` at the start, at each restart and at the end, which saves FLOPs when ``n > 1.5 m``
+(`newton_schulz_flops`); elsewhere it runs the standard iteration.
 """
 
 from __future__ import annotations
@@ -44,6 +50,16 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
 
 Schedule = str | Sequence[Sequence[float]]
 
+NS_METHODS = ("standard", "gram")
+# Gram Newton-Schulz rebuilds X and its Gram matrix from X every GRAM_RESTART steps (after
+# steps 2 and 4 of 5), which bounds the rounding drift of the accumulated m x m products.
+# Measured in bf16 (`scripts/bench_ns.py --accuracy`, docs/muon.md): every 2 steps is as
+# accurate as the standard iteration; a 3-step segment (restart after 3, or only after 2)
+# lets condition-1e3 inputs overshoot to singular values 1.4-2.0, and no restart diverges.
+GRAM_RESTART = 2
+# Gram saves FLOPs exactly when n > GRAM_MIN_ASPECT * m (see `newton_schulz_flops`).
+GRAM_MIN_ASPECT = 1.5
+
 
 @dataclass(frozen=True, kw_only=True)
 class NSOptions:
@@ -51,8 +67,9 @@ class NSOptions:
     into one Newton-Schulz call only when their options are equal (so the value is hashable:
     a custom ``schedule`` is a tuple of ``(a, b, c)`` tuples).
 
-    ``schedule``, ``steps``, ``dtype`` and ``eps`` are `orthogonalize`'s arguments; ``scale`` is
-    the `distributed_muon.scale.shape_scale` mode the caller multiplies the result by.
+    ``schedule``, ``steps``, ``dtype``, ``eps``, ``method`` and ``restart`` are
+    `orthogonalize`'s arguments; ``scale`` is the `distributed_muon.scale.shape_scale` mode the
+    caller multiplies the result by.
     """
 
     schedule: str | tuple[Coefficients, ...]
@@ -60,6 +77,8 @@ class NSOptions:
     dtype: torch.dtype
     eps: float
     scale: str
+    method: str = "standard"
+    restart: int = GRAM_RESTART
 
 
 def resolve_schedule(schedule: Schedule) -> tuple[Coefficients, ...] | None:
@@ -85,6 +104,49 @@ def resolve_schedule(schedule: Schedule) -> tuple[Coefficients, ...] | None:
     return coeffs  # type: ignore[return-value]
 
 
+def check_method(method: str) -> None:
+    """Raise the ``ns_method`` error for anything but a name in `NS_METHODS`."""
+    if method not in NS_METHODS:
+        raise ValueError(
+            f"ns_method={method!r} is not valid: use 'standard' (Newton-Schulz on X) or 'gram' "
+            "(Gram Newton-Schulz, the same map computed on X X^T; faster for wide matrices)"
+        )
+
+
+def _segments(steps: int, restart: int) -> int:
+    """How many times Gram Newton-Schulz forms ``X X^T`` from ``X``: once, plus a restart every
+    ``restart`` steps (``restart <= 0``: never)."""
+    return 1 if restart <= 0 else -(-steps // restart)
+
+
+def gram_is_cheaper(m: int, n: int, steps: int, restart: int = GRAM_RESTART) -> bool:
+    """Whether Gram Newton-Schulz takes fewer FLOPs than the standard iteration on ``m x n``:
+    exactly when ``max(m, n) > 1.5 min(m, n)`` and some segment between restarts is longer
+    than one step (see `newton_schulz_flops`)."""
+    a, b = min(m, n), max(m, n)
+    return 2 * b > 3 * a and _segments(steps, restart) < steps
+
+
+def newton_schulz_flops(
+    m: int, n: int, steps: int, method: str = "standard", restart: int = GRAM_RESTART
+) -> float:
+    """Matmul FLOPs of `orthogonalize` on one ``m x n`` matrix (``a = min``, ``b = max``).
+
+    Standard, per step: ``A = X X^T`` (``2a^2b``), ``A A`` (``2a^3``), ``B X`` (``2a^2b``):
+    ``steps*(4a^2b + 2a^3)``. Gram, per segment of ``L`` steps between restarts: ``X X^T`` and
+    the final ``Q X`` (``4a^2b``) plus ``4L - 3`` products of ``a x a`` matrices (``R R``,
+    ``P Q``, ``P R``, ``(P R) P`` per step; the first step has ``Q = P``, the last one needs no
+    new ``R``): ``S*4a^2b + (4*steps - 3S)*2a^3`` over ``S`` segments. Gram minus standard is
+    ``(steps - S)(6a^3 - 4a^2b)``: negative exactly when ``b > 1.5a``, whatever the steps and
+    restarts, which is where `orthogonalize` uses Gram; elsewhere this is the standard count.
+    """
+    a, b = min(m, n), max(m, n)
+    if method == "gram" and gram_is_cheaper(m, n, steps, restart):
+        segments = _segments(steps, restart)
+        return float(segments * 4 * a * a * b + (4 * steps - 3 * segments) * 2 * a**3)
+    return float(steps) * (4.0 * a * a * b + 2.0 * a**3)
+
+
 def _step_coefficients(coeffs: tuple[Coefficients, ...], steps: int) -> list[Coefficients]:
     return [coeffs[min(k, len(coeffs) - 1)] for k in range(steps)]
 
@@ -95,6 +157,8 @@ def orthogonalize(
     steps: int = 5,
     dtype: DTypeLike = torch.bfloat16,
     eps: float = 1e-7,
+    method: str = "standard",
+    restart: int = GRAM_RESTART,
 ) -> torch.Tensor:
     """Approximate polar factor of every matrix in ``X[..., m, n]``.
 
@@ -104,18 +168,25 @@ def orthogonalize(
     float64 input) whatever ``dtype`` says; singular directions with zero singular value map to
     zero, so a zero matrix gives zeros under every schedule.
 
+    ``method="gram"`` computes the same polynomial map by Gram Newton-Schulz (`_gram_iterate`),
+    restarting from ``X`` every ``restart`` steps (``<= 0``: never), where it saves FLOPs
+    (`gram_is_cheaper`: ``max(m, n) > 1.5 min(m, n)``); other shapes run the standard iteration.
+    The normalization is fp32 for both methods.
+
     ``schedule`` may instead be an `NSOptions`, which then gives ``schedule``, ``steps``,
-    ``dtype`` and ``eps`` (its ``scale`` is the caller's to apply).
+    ``dtype``, ``eps``, ``method`` and ``restart`` (its ``scale`` is the caller's to apply).
 
     Returns a tensor of ``X``'s shape in the compute dtype (``dtype``, or the SVD dtype).
     """
     if isinstance(schedule, NSOptions):
         opts = schedule
         schedule, steps, dtype, eps = opts.schedule, opts.steps, opts.dtype, opts.eps
+        method, restart = opts.method, opts.restart
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs [..., m, n], got shape {tuple(X.shape)}")
     if steps < 1:
         raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    check_method(method)
     coeffs = resolve_schedule(schedule)
     if coeffs is None:
         return _polar_factor_svd(X)
@@ -126,13 +197,43 @@ def orthogonalize(
         batch = batch.mT
     norm = torch.linalg.matrix_norm(batch.float(), keepdim=True)
     Y = (batch.float() / (norm + eps)).to(dtype)
-    for a, b, c in _step_coefficients(coeffs, steps):
-        A = torch.bmm(Y, Y.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Y = torch.baddbmm(Y, B, Y, beta=a)
+    step_coeffs = _step_coefficients(coeffs, steps)
+    if method == "gram" and gram_is_cheaper(m, n, steps, restart):
+        Y = _gram_iterate(Y, step_coeffs, restart)
+    else:
+        for a, b, c in step_coeffs:
+            A = torch.bmm(Y, Y.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            Y = torch.baddbmm(Y, B, Y, beta=a)
     if m > n:
         Y = Y.mT
     return Y.reshape(X.shape)
+
+
+def _gram_iterate(Y: torch.Tensor, step_coeffs: list[Coefficients], restart: int) -> torch.Tensor:
+    """Gram Newton-Schulz on a batch ``Y[B, m, n]``, ``m < n``, already normalized.
+
+    A standard step is ``Y <- p(Y Y^T) Y`` with ``p(t) = a + b t + c t^2``, so after any number
+    of steps ``Y = Q Y0`` for an ``m x m`` matrix ``Q`` that, like the current Gram matrix
+    ``R = Y Y^T``, is a polynomial in ``Y0 Y0^T``: all of them commute. Each step is therefore
+    ``P = p(R); Q <- P Q; R <- P R P`` on ``m x m`` matrices, and ``Y`` is formed once at the
+    end of each segment of ``restart`` steps (``Y = Q Y0``), from which the next segment starts
+    afresh (``R = Y Y^T``, ``Q = I``), so the rounding of ``Q`` and ``R`` never compounds for
+    more than ``restart`` steps.
+    """
+    size = len(step_coeffs) if restart <= 0 else restart
+    for start in range(0, len(step_coeffs), size):
+        segment = step_coeffs[start:start + size]
+        R = torch.bmm(Y, Y.mT)
+        Q: torch.Tensor | None = None
+        for k, (a, b, c) in enumerate(segment):
+            P = torch.baddbmm(R, R, R, beta=b, alpha=c)
+            P.diagonal(dim1=-2, dim2=-1).add_(a)
+            Q = P if Q is None else torch.bmm(P, Q)
+            if k + 1 < len(segment):
+                R = torch.bmm(torch.bmm(P, R), P)
+        Y = torch.bmm(Q, Y)
+    return Y
 
 
 def _polar_factor_svd(X: torch.Tensor) -> torch.Tensor:

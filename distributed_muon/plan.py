@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distributed_muon.layout import ShardLayout
+from distributed_muon.orthogonalize import GRAM_RESTART, newton_schulz_flops
 
 
-def ns_flops(m: int, n: int, steps: int) -> float:
-    """FLOPs of ``steps`` Newton-Schulz steps on an ``m x n`` matrix: ``steps*(4a^2b + 2a^3)``,
-    ``a = min(m, n)``, ``b = max(m, n)`` (Gram ``X X^T``, ``A A``, and ``B X``)."""
-    a, b = min(m, n), max(m, n)
-    return float(steps) * (4.0 * a * a * b + 2.0 * a**3)
+def ns_flops(
+    m: int, n: int, steps: int, method: str = "standard", restart: int = GRAM_RESTART
+) -> float:
+    """FLOPs of ``steps`` Newton-Schulz steps on an ``m x n`` matrix by ``method``, as
+    `orthogonalize` runs them. Standard: ``steps*(4a^2b + 2a^3)``, ``a = min(m, n)``,
+    ``b = max(m, n)`` (``X X^T``, ``A A`` and ``B X``). Gram, where it saves FLOPs
+    (``b > 1.5a``): ``S*4a^2b + (4*steps - 3S)*2a^3`` with ``S`` the segments between restarts
+    (see `distributed_muon.orthogonalize.newton_schulz_flops`)."""
+    return newton_schulz_flops(m, n, steps, method, restart)
 
 
 STRATEGIES = ("lpt", "round_robin")

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from distributed_muon import orthogonalize, schedule_band
-from distributed_muon.orthogonalize import POLAR_EXPRESS
+from distributed_muon import DistributedMuon, orthogonalize, schedule_band
+from distributed_muon.orthogonalize import (
+    GRAM_RESTART,
+    POLAR_EXPRESS,
+    NSOptions,
+    gram_is_cheaper,
+    newton_schulz_flops,
+)
+from distributed_muon.plan import ns_flops
 
 
 def conditioned(m: int, n: int, cond: float, seed: int = 0) -> torch.Tensor:
@@ -63,10 +70,11 @@ def test_documented_bands():
     assert (round(lo, 2), round(hi, 2)) == (0.85, 1.12)
 
 
+@pytest.mark.parametrize("method", ["standard", "gram"])
 @pytest.mark.parametrize("schedule", ["jordan", "polar_express", "svd"])
-def test_zero_matrix_gives_zeros(schedule):
-    for shape in [(8, 16), (3, 5, 7), (1, 9)]:
-        O = orthogonalize(torch.zeros(shape), schedule)
+def test_zero_matrix_gives_zeros(schedule, method):
+    for shape in [(8, 16), (3, 5, 7), (1, 9), (2, 40, 8)]:
+        O = orthogonalize(torch.zeros(shape), schedule, method=method)
         assert O.shape == shape
         assert torch.isfinite(O).all() and (O == 0).all()
 
@@ -110,3 +118,131 @@ def test_bad_input_is_refused():
         orthogonalize(torch.randn(4))
     with pytest.raises(ValueError, match="ns_dtype"):
         orthogonalize(torch.randn(4, 4), dtype="half-ish")
+
+
+# ---------------------------------------------------------------- Gram Newton-Schulz
+
+
+@pytest.mark.parametrize("schedule", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (3, 24, 80), (2, 2, 80, 24), (1, 40)])
+def test_gram_is_the_standard_map(schedule, shape):
+    # The same polynomial map: in float64 equal to rounding, in fp32 within fp32 rounding,
+    # whatever the restart interval (0: never; 1: every step, i.e. the standard iteration).
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ref64 = orthogonalize(X.double(), schedule, 5, torch.float64)
+    for restart in (0, 1, 2, 3):
+        out = orthogonalize(X.double(), schedule, 5, torch.float64, method="gram",
+                            restart=restart)
+        torch.testing.assert_close(out, ref64, atol=1e-12, rtol=0)
+    ref = orthogonalize(X, schedule, 5, torch.float32)
+    gram = orthogonalize(X, schedule, 5, torch.float32, method="gram")
+    assert gram.shape == X.shape and gram.dtype == torch.float32
+    torch.testing.assert_close(gram, ref, atol=2e-5, rtol=0)
+    opts = NSOptions(schedule=schedule, steps=5, dtype=torch.float32, eps=1e-7, scale="none",
+                     method="gram")
+    assert torch.equal(orthogonalize(X, opts), gram)
+
+
+def test_gram_batched_equals_one_by_one():
+    X = torch.randn(2, 3, 24, 80)
+    out = orthogonalize(X, dtype=torch.float32, method="gram")
+    for i in range(2):
+        for j in range(3):
+            one = orthogonalize(X[i, j], dtype=torch.float32, method="gram")
+            torch.testing.assert_close(out[i, j], one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(48, 192), (192, 48)])
+@pytest.mark.parametrize("cond", [10.0, 1e3])
+def test_gram_singular_values_fall_in_the_schedule_band(schedule, shape, cond):
+    # As for the standard iteration: fp32 on the scalar map; bf16 within a few 1e-2 of it, the
+    # top singular value up to ~0.04 above it now and then (standard bf16: ~0.01), with the
+    # default restart (without one, bf16 Gram drifts far outside at condition 1e3).
+    X = conditioned(*shape, cond=cond, seed=int(cond))
+    sv = torch.linalg.svdvals(X)
+    lo, hi = schedule_band(schedule, 5, float(sv.min() / X.norm()), float(sv.max() / X.norm()))
+    for dtype, slack in ((torch.float32, 2e-3), (torch.bfloat16, 6e-2)):
+        O = orthogonalize(X.float(), schedule, 5, dtype, method="gram")
+        out = torch.linalg.svdvals(O.double())
+        assert out.min() >= lo - slack, (dtype, float(out.min()), lo)
+        assert out.max() <= hi + slack, (dtype, float(out.max()), hi)
+        cos = (O.double() * polar64(X)).sum() / (O.double().norm() * polar64(X).norm())
+        assert cos > 0.9
+
+
+@pytest.mark.parametrize("schedule", ["jordan", "polar_express"])
+def test_gram_on_a_rank_deficient_matrix(schedule):
+    # Rank 16 of 48: the 16 directions land in the band; the null space stays zero in fp32. In
+    # bf16 the input's rounding puts ~1e-3 in every direction and both methods amplify it (the
+    # standard iteration to 0.2-0.4 here): Gram no more than standard.
+    U, S, Vh = torch.linalg.svd(conditioned(48, 192, cond=10.0, seed=3), full_matrices=False)
+    S[16:] = 0
+    X = ((U * S) @ Vh).float()
+    lo, hi = schedule_band(schedule, 5, float(S[15] / S.norm()), float(S[0] / S.norm()))
+    for dtype, slack in ((torch.float32, 2e-3), (torch.bfloat16, 6e-2)):
+        out = torch.linalg.svdvals(orthogonalize(X, schedule, 5, dtype, method="gram").double())
+        assert lo - slack <= out[15] and out[0] <= hi + slack, (dtype, out[:16])
+        std = torch.linalg.svdvals(orthogonalize(X, schedule, 5, dtype).double())
+        null = 1e-4 if dtype == torch.float32 else float(std[16:].max()) + 0.05
+        assert out[16:].max() < null, (dtype, float(out[16:].max()), null)
+
+
+def test_gram_falls_back_where_it_saves_no_flops():
+    # Gram - standard = (steps - S)(6a^3 - 4a^2 b): it pays only for b > 1.5 a.
+    assert not gram_is_cheaper(64, 64, 5) and not gram_is_cheaper(64, 96, 5)
+    assert gram_is_cheaper(64, 97, 5) and gram_is_cheaper(97, 64, 5)
+    assert not gram_is_cheaper(32, 256, 5, restart=1)  # a restart every step is standard NS
+    for shape in [(96, 96), (64, 96), (96, 64), (2, 40, 40)]:
+        X = torch.randn(shape)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(orthogonalize(X, dtype=dtype, method="gram"),
+                               orthogonalize(X, dtype=dtype))
+    X = torch.randn(64, 97)
+    assert not torch.equal(orthogonalize(X, dtype=torch.float32, method="gram"),
+                           orthogonalize(X, dtype=torch.float32))
+
+
+def test_gram_cost_model():
+    a, b = 128, 1024
+    segments = 3  # restarts after steps 2 and 4 of 5
+    assert GRAM_RESTART == 2
+    gram = segments * 4 * a * a * b + (4 * 5 - 3 * segments) * 2 * a**3
+    assert ns_flops(a, b, 5, "gram") == ns_flops(b, a, 5, "gram") == gram
+    assert ns_flops(a, b, 5, "gram") == newton_schulz_flops(a, b, 5, "gram")
+    assert ns_flops(a, b, 5) == ns_flops(a, b, 5, "standard") == 5 * (4 * a * a * b + 2 * a**3)
+    assert ns_flops(a, b, 5, "gram", restart=0) == 4 * a * a * b + 17 * 2 * a**3
+    assert ns_flops(a, b, 5, "gram") < ns_flops(a, b, 5)
+    # Where orthogonalize falls back, the cost model counts the standard iteration.
+    assert ns_flops(96, 96, 5, "gram") == ns_flops(96, 96, 5)
+    assert ns_flops(64, 96, 5, "gram") == ns_flops(64, 96, 5)
+
+
+def test_bad_ns_method_is_refused():
+    with pytest.raises(ValueError, match="ns_method='newton' is not valid.*'gram'"):
+        orthogonalize(torch.randn(4, 8), method="newton")
+    w = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="ns_method='fast' is not valid"):
+        DistributedMuon([w], ns_method="fast")
+    with pytest.raises(ValueError, match="ns_method=None is not valid"):
+        DistributedMuon([{"params": [w], "ns_method": None}])
+
+
+def test_distributed_muon_gram_matches_standard():
+    # One process, fp32 NS and exchange: one step by Gram equals one by the standard method.
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 128), (128, 32), (48, 48), (4, 16, 64), (64,)]
+    results = {}
+    for method in ("standard", "gram"):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                  for i, s in enumerate(shapes)]
+        opt = DistributedMuon(params, lr=0.1, ns_dtype="fp32", comm_dtype="fp32",
+                              ns_method=method)
+        assert {b.options.method for b in opt.exchange.batches} == {method}
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        results[method] = [p.detach().clone() for p in params]
+        gen.manual_seed(0)
+    for std, gram in zip(results["standard"], results["gram"], strict=True):
+        torch.testing.assert_close(gram, std, atol=1e-6, rtol=1e-5)

@@ -154,6 +154,20 @@ class MegatronSharding:
         dim = getattr(p, "partition_dim", -1) if sharded else None
         stride = int(getattr(p, "partition_stride", 1)) if sharded else 1
         local = tuple(p.shape)
+        # Megatron sets the TP attributes inside its weight initializers, which only run with
+        # perform_initialization=True: a TP layer's weight without them would pass for a whole
+        # (replicated) matrix and be silently wrong.
+        split = (getattr(mod, "output_size_per_partition", None),
+                 getattr(mod, "input_size_per_partition", None))
+        full = (getattr(mod, "output_size", None), getattr(mod, "input_size", None))
+        if (not sharded and name.rsplit(".", 1)[-1] == "weight" and p.ndim == 2
+                and any(s is not None and s != f for s, f in zip(split, full, strict=True))):
+            raise ValueError(
+                f"{name}: the weight of a tensor-parallel layer has no tensor_model_parallel "
+                "attribute (Megatron sets it only when config.perform_initialization=True): "
+                "build the model with perform_initialization=True, or set the attributes with "
+                "megatron.core.tensor_parallel.set_tensor_model_parallel_attributes"
+            )
         if sharded and (dim not in (0, 1) or (dim == 1 and p.ndim != 2)):
             raise ValueError(
                 f"{name}: tensor-parallel partition_dim={dim} of a parameter of local shape "

@@ -138,6 +138,17 @@ def _errors(model, sharding):
         MegatronSharding(bad)
     except ValueError as err:
         out["partition_dim"] = str(err)
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    config = model.linear_qkv.config
+    config.perform_initialization = False  # Megatron then sets no TP attributes on the weight
+    uninit = ColumnParallelLinear(HIDDEN, 8, config=config, init_method=torch.nn.init.normal_,
+                                  bias=False)
+    config.perform_initialization = True
+    try:
+        MegatronSharding(uninit)
+    except ValueError as err:
+        out["no_attributes"] = str(err)
     try:
         sharding.shape(torch.nn.Parameter(torch.zeros(3, 3)))
     except ValueError as err:
@@ -278,4 +289,5 @@ def test_unsupported_parameters_get_one_clear_error(results):
     assert "partition_dim=2" in errors["partition_dim"]
     assert "use_muon=False" in errors["partition_dim"]
     assert "not a parameter of the model" in errors["foreign"]
+    assert "perform_initialization=True" in errors["no_attributes"]
     assert "sharding=MegatronSharding(model)" in errors["no_sharding"]

@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
-from distributed_muon.optimizer import STRUCTURAL_OPTIONS, DistributedMuon
+from distributed_muon.optimizer import GROUP_OPTIONS, STRUCTURAL_OPTIONS, DistributedMuon
 from distributed_muon.params import MatrixSpec
 
 _PREFIX = "dmuon/"
@@ -123,6 +123,8 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
         zip(opt.param_groups, meta["param_groups"], strict=True)
     ):
         for key in STRUCTURAL_OPTIONS:
+            # Options added after a checkpoint was written have their default there.
+            saved.setdefault(key, GROUP_OPTIONS[key])
             if options[key] != saved[key]:
                 raise ValueError(
                     f"{checkpoint_id} was saved with {key}={saved[key]!r} in param group {gi}, "

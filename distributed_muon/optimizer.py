@@ -164,6 +164,13 @@ class DistributedMuon(Optimizer):
 
     # ---------------------------------------------------------------- setup
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A state dict saved before an option existed loads with the option's default.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in GROUP_OPTIONS.items():
+                group.setdefault(key, value)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_built", False):
             raise RuntimeError(

@@ -112,3 +112,26 @@ def test_load_never_unpickles_code(tmp_path):
     dcp.save(payload, checkpoint_id=path)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         checkpoint.load(opt, path)
+
+
+def test_checkpoints_from_before_an_option_existed_load_with_its_default(tmp_path, monkeypatch):
+    """A checkpoint (or state dict) written before ``ns_method`` existed has no such key."""
+    ps = [torch.nn.Parameter(torch.randn(8, 16))]
+    opt = DistributedMuon(ps, lr=0.1)
+    ps[0].grad = torch.randn(8, 16)
+    opt.step()
+    old_options = checkpoint._group_options
+    monkeypatch.setattr(checkpoint, "_group_options", lambda o: [
+        {k: v for k, v in g.items() if k != "ns_method"} for g in old_options(o)])
+    checkpoint.save(opt, str(tmp_path / "ckpt"))
+    fresh = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1)
+    checkpoint.load(fresh, str(tmp_path / "ckpt"))
+    assert fresh.param_groups[0]["ns_method"] == "standard"
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["ns_method"]
+    again = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1)
+    again.load_state_dict(sd)
+    assert again.param_groups[0]["ns_method"] == "standard"
+    for o in (fresh, again):
+        o.param_groups[0]["params"][0].grad = torch.randn(8, 16)
+        o.step()  # the batching key is rebuilt from the defaulted option

@@ -139,11 +139,15 @@ class FSDP2(_TorchBackend):
     name = "fsdp2"
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # An explicit mesh: FSDP2's default one is on CUDA whenever CUDA exists, even for a
+        # --device cpu run (rank 1 of a one-GPU machine then fails: invalid device ordinal).
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
 
 

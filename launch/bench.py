@@ -28,6 +28,7 @@ from distributed_muon.launch.local import (
 )
 
 from distributed_muon.optimizer import PHASES, DistributedMuon
+from distributed_muon.orthogonalize import NS_METHODS
 from distributed_muon.plan import STRATEGIES
 
 # A d=2048, 16-layer transformer's matrices as [out, in]: qkv, proj, fc1, fc2 (~0.8B values).
@@ -53,6 +54,7 @@ class BenchConfig:
     ns_dtype: str | None = option(
         None, "Newton-Schulz compute dtype (default bf16 on GPUs; fp32 on CPUs, whose bf16 "
         "matmuls are slow)")
+    ns_method: str = option("standard", "Newton-Schulz method", choices=NS_METHODS)
     comm_dtype: str = option("bf16", "exchange dtype")
     plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
     json: str | None = option(None, "also write the results as JSON to this file")
@@ -134,8 +136,8 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     params = []
     for shape in shapes:
         params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
-    opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, comm_dtype=cfg.comm_dtype,
-                          plan=cfg.plan)
+    opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
+                          comm_dtype=cfg.comm_dtype, plan=cfg.plan)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
     peak = matmul_tflops(device)
@@ -177,7 +179,8 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         f"distributed_muon bench: {len(opt.layout.matrices)} matrices ({cfg.shapes} x "
         f"{cfg.layers}), "
         f"{sum(m.m * m.n for m in opt.layout.matrices) / 1e6:.1f}M values, layout {cfg.layout}, "
-        f"N={world} on {name}, ns {cfg.ns_dtype}, comm {cfg.comm_dtype}, plan {cfg.plan}",
+        f"N={world} on {name}, ns {cfg.ns_method} {cfg.ns_dtype}, comm {cfg.comm_dtype}, "
+        f"plan {cfg.plan}",
         f"bf16 matmul peak (measured): {peak:.3g} TFLOP/s; NS work {flops / 1e12:.3g} TFLOP/step",
         "",
         f"{'phase':<14}" + "".join(f"{'rank ' + str(r['rank']):>11}" for r in ranks)

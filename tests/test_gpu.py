@@ -73,3 +73,17 @@ def test_deepspeed_zero_on_gpus_matches_one_process(stage):
             for g, w, p0 in zip(got, want, initial):
                 assert rel(g - p0, w - p0) < 1e-4
     assert sum(r["ns"] for r in results) == MUON_MATRICES * steps
+
+
+@cuda
+def test_cpu_ranks_on_a_gpu_machine(tmp_path):
+    """`--device cpu` keeps every rank off CUDA (FSDP2's default mesh would take it: on a
+    one-GPU machine rank 1 failed with 'invalid device ordinal')."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "train",
+                           "--device", "cpu", "--nproc", "2", "--steps", "2", "--eval-every", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "muon on 2 ranks (fsdp2, cpu)" in proc.stdout

@@ -177,8 +177,13 @@ def _report_rank_failure(command: str, args: argparse.Namespace, err: Exception)
     if not text:
         return
     folder = Path(getattr(args, "out", None) or tempfile.gettempdir())
-    path = folder / "error.txt" if folder.is_dir() else Path(tempfile.mktemp(suffix=".txt"))
-    path.write_text(text)
+    if folder.is_dir():
+        path = folder / "error.txt"
+        path.write_text(text)
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(text)
+        path = Path(f.name)
     print(f"dmuon {command}: traceback in {path}", file=sys.stderr)
 
 

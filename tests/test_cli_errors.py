@@ -108,3 +108,18 @@ def test_a_checkpoint_without_manifest_is_incomplete(tmp_path):
     assert run_checkpoint.verify(sealed)["step"] == 6
     assert json.loads((sealed / "manifest.json").read_text())["files"]["__0_0.distcp"][
         "bytes"] == 256
+
+
+def test_a_failed_rank_is_one_line_and_its_traceback_a_file(tmp_path, monkeypatch, capsys):
+    from distributed_muon.launch import train
+    from distributed_muon.launch.local import RankFailed
+
+    def fail(cfg):
+        raise RankFailed(1, "RuntimeError: NCCL timeout", "Traceback (most recent call last):\n")
+
+    monkeypatch.setattr(train, "main", fail)
+    assert main(["train", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dmuon train: rank 1: RuntimeError: NCCL timeout",
+                   f"dmuon train: traceback in {tmp_path / 'error.txt'}"]
+    assert (tmp_path / "error.txt").read_text().startswith("Traceback")

@@ -31,6 +31,7 @@ from distributed_muon.options import (
 from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan, ns_flops
+from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, QKTarget, scale_rows
 from distributed_muon.scale import SCALE_MODES, shape_scale
 from distributed_muon.sharding import Sharding, infer_sharding
 
@@ -66,7 +67,7 @@ MISNAMED_OPTIONS = {
     "adam_betas": "adamw_betas",
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
-OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "sharding")
+OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding")
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -109,7 +110,9 @@ class DistributedMuon(Optimizer):
 
     ``comm_dtype``, ``process_group``, ``sharding`` and ``plan`` are optimizer-wide:
     ``sharding`` is a framework adapter (inferred from the parameters when None), ``plan`` the
-    owner strategy ("lpt" or "round_robin").
+    owner strategy ("lpt" or "round_robin"). ``qk_clip_tau`` (None: off) turns on QK-clip
+    for the attention layers given to `register_qk` (see `distributed_muon.qk_clip` and
+    docs/muonclip.md); ``qk_clip`` then tells what the last step clipped.
 
     A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
     untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
@@ -140,6 +143,7 @@ class DistributedMuon(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         sharding: Sharding | None = None,
         plan: str = "lpt",
+        qk_clip_tau: float | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
@@ -159,6 +163,7 @@ class DistributedMuon(Optimizer):
         self.ns_matrices = 0  # matrices this rank has orthogonalized, over all steps
         self.profile = False  # when True, `phase_seconds` gets the time of each phase
         self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.qk_clip = QKClip(qk_clip_tau) if qk_clip_tau is not None else None
         self._setup(plan)
         self._built = True
 
@@ -225,6 +230,31 @@ class DistributedMuon(Optimizer):
             local_dtype, self.comm_dtype,
         )
 
+    def register_qk(self, recorder: MaxLogitRecorder, q_weight: torch.Tensor,
+                    k_weight: torch.Tensor | None = None, *, head_dim: int, q_row: int = 0,
+                    k_row: int | None = None) -> None:
+        """Clip the heads of one attention layer, whose forward reports to ``recorder``.
+
+        Head ``h`` (of ``recorder.heads``) has query rows ``[q_row + h*head_dim, +head_dim)``
+        of ``q_weight`` and key rows ``[k_row + h*head_dim, +head_dim)`` of ``k_weight``.
+        Fused QKV ``[Q; K; V]``: ``register_qk(rec, qkv.weight, head_dim=hd)`` (``k_row``
+        defaults to the end of the Q block, V is never touched). Separate projections:
+        ``register_qk(rec, wq.weight, wk.weight, head_dim=hd)``. Weights are 2-D parameters
+        of this optimizer; needs ``qk_clip_tau``."""
+        if self.qk_clip is None:
+            raise ValueError("register_qk needs QK-clip on: build DistributedMuon with "
+                             "qk_clip_tau=TAU")
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        fused = k_weight is None
+        k_weight = q_weight if fused else k_weight
+        for w in (q_weight, k_weight):
+            if id(w) not in known:
+                raise ValueError("register_qk: a weight is not a parameter of this optimizer")
+        if k_row is None:
+            k_row = q_row + recorder.heads * head_dim if fused else 0
+        self.qk_clip.register(QKTarget(recorder, q_weight, k_weight, head_dim, q_row, k_row),
+                              self.sharding.shape)
+
     @property
     def muon_params(self) -> tuple[torch.Tensor, ...]:
         """The parameters Muon updates, in layout order (``layout.specs[i]`` is the i-th's)."""
@@ -256,6 +286,8 @@ class DistributedMuon(Optimizer):
             self.skipped_steps += 1
             log.warning("DistributedMuon: non-finite gradient, step skipped on every rank "
                         "(%d skipped so far)", self.skipped_steps)
+            if self.qk_clip is not None:
+                self.qk_clip.discard()
             return loss
         clock = _PhaseClock(self.profile, self.phase_seconds, self.exchange.local.device)
         self._momentum(grads)
@@ -271,6 +303,10 @@ class DistributedMuon(Optimizer):
         clock.tick("to_holders")
         self._apply_muon(grads)
         self._adamw_step(adamw_grads)
+        if self.qk_clip is not None:  # after the update, on local rows only
+            for weight, row_factor in self.qk_clip.step(self.sharding.group,
+                                                        self.exchange.local.device):
+                scale_rows(self.sharding, weight, row_factor)
         clock.tick("update")
         return loss
 

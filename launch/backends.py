@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distributed_muon import DistributedMuon, checkpoint, muon_param_groups
+from distributed_muon.qk_clip import MaxLogitRecorder
 
 if TYPE_CHECKING:
     from distributed_muon.launch.train_config import TrainConfig
@@ -63,6 +64,10 @@ class Backend:
     def last_lr(self) -> float:
         raise NotImplementedError
 
+    def qk_stats(self) -> dict[str, float | int]:
+        """What QK-clip did in the last step (``qk_clipped`` heads, ``max_logit``); {} off."""
+        return {}
+
     def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
         """Every rank writes its part of a checkpoint into ``folder`` (which exists)."""
         raise NotImplementedError
@@ -87,7 +92,13 @@ class _TorchBackend(Backend):
             groups = muon_param_groups(model, **model.param_groups_spec())
             self.opt: torch.optim.Optimizer = DistributedMuon(
                 groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
-                ns_dtype=_ns_dtype(self.device))
+                ns_dtype=_ns_dtype(self.device), qk_clip_tau=cfg.qk_clip)
+            if cfg.qk_clip is not None:  # every attention layer reports its max logits
+                for block in model.blocks:
+                    attn = block.attn
+                    attn.recorder = MaxLogitRecorder(attn.heads)
+                    self.opt.register_qk(attn.recorder, attn.qkv.weight,
+                                         head_dim=cfg.model.d // attn.heads)
         else:
             self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95),
                                          weight_decay=cfg.weight_decay)
@@ -102,6 +113,12 @@ class _TorchBackend(Backend):
 
     def last_lr(self) -> float:
         return self.sched.get_last_lr()[0]
+
+    def qk_stats(self) -> dict[str, float | int]:
+        clip = getattr(self.opt, "qk_clip", None)
+        if clip is None or clip.last_max_logit is None:
+            return {}
+        return {"qk_clipped": clip.last_clipped, "max_logit": clip.last_max_logit}
 
     def _state(self, train_state: dict[str, int | float]) -> dict:
         state = {"model": get_model_state_dict(self.model),

@@ -3,7 +3,8 @@
 Attention uses one fused QKV weight ``[3d, d]`` (Muon splits it into Q, K, V blocks); each
 MoE layer routes every token to its top-k of ``E`` experts, whose weights are 3-D tensors
 ``[E, h, d]`` and ``[E, d, h]`` (E matrices each for Muon). The head is tied to the byte
-embedding (AdamW), the router is AdamW too.
+embedding (AdamW), the router is AdamW too. With a ``recorder`` set (``--qk-clip``), each
+attention layer reports the per-head max logits of its training forwards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distributed_muon.qk_clip import MaxLogitRecorder
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,15 @@ class Attention(nn.Module):
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.d, 3 * cfg.d, bias=False)
         self.proj = nn.Linear(cfg.d, cfg.d, bias=False)
+        self.recorder: MaxLogitRecorder | None = None  # set for QK-clip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True)
+        q, k, v = (y.transpose(1, 2) for y in
+                   self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2))
+        if self.recorder is not None and self.training:
+            self.recorder.record_attention(q, k, causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

@@ -163,7 +163,8 @@ class Trainer:
             ce_value = float(stats[0])
             last_losses = (last_losses + [ce_value])[-LAST_LOSSES:]
             record = {"step": self.step, "loss": ce_value, "lr": self.backend.last_lr(),
-                      "tokens": self.step * self.tokens_per_step, "time": self.elapsed}
+                      "tokens": self.step * self.tokens_per_step, "time": self.elapsed,
+                      **self.backend.qk_stats()}
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 val = (self.step, self.evaluate())
                 record["val_loss"] = val[1]

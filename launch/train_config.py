@@ -41,6 +41,8 @@ class TrainConfig:
     device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
     zero_stage: int | None = option(None, "ZeRO stage for --backend deepspeed (default 2)",
                                     choices=(0, 1, 2, 3))
+    qk_clip: float | None = option(None, "QK-clip threshold tau on max attention logits "
+                                   "(muon, fsdp2/ddp; inf: log the max logit, never clip)")
     model: ModelConfig = field(default_factory=ModelConfig)
     # Set by `prepare`: the checkpoint folder a --resume starts from.
     resume_from: str | None = option(None, "", flag=False)
@@ -70,6 +72,14 @@ class TrainConfig:
         if self.compare and self.resume:
             raise ValueError("--compare cannot --resume: resume each run in --out/muon and "
                              "--out/adamw on its own")
+        if self.qk_clip is not None:
+            if not self.qk_clip > 0:
+                raise ValueError(f"--qk-clip {self.qk_clip}: must be a positive number")
+            if self.optimizer != "muon" or self.compare:
+                raise ValueError("--qk-clip is an option of --optimizer muon (drop --compare)")
+            if self.backend == "deepspeed":
+                raise ValueError("--qk-clip is not yet supported with --backend deepspeed: "
+                                 "use --backend fsdp2 or ddp")
         BACKENDS[self.backend].check(self)
         world = self.world_size
         if self.batch % world:

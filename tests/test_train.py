@@ -41,6 +41,17 @@ def test_short_run_writes_everything(tmp_path):
     assert json.loads((out / "ranks.json").read_text())["world"] == 2
 
 
+def test_qk_clip_logs_clipped_heads_and_bounds_the_max_logit(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "4", "--eval-every", "4", "--qk-clip", "1.0", "--backend", "fsdp2")
+    records = metrics(out)
+    # 4 layers x 4 heads; the initial logits are above 1.0 in some heads, so some are clipped.
+    assert all(0 <= r["qk_clipped"] <= 16 and r["max_logit"] > 0 for r in records)
+    assert records[0]["qk_clipped"] > 0
+    # The max logit is reported before the clip: once clipped it stays near tau.
+    assert records[-1]["max_logit"] < records[0]["max_logit"]
+
+
 def test_save_every_also_saves_the_last_step(tmp_path):
     out = tmp_path / "run"
     train(out, "--steps", "5", "--save-every", "3", "--eval-every", "5", "--backend", "ddp")

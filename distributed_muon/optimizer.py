@@ -31,7 +31,7 @@ from distributed_muon.options import (
 from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan, ns_flops
-from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, QKTarget, scale_rows
+from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
 from distributed_muon.scale import SCALE_MODES, shape_scale
 from distributed_muon.sharding import Sharding, infer_sharding
 
@@ -245,15 +245,10 @@ class DistributedMuon(Optimizer):
             raise ValueError("register_qk needs QK-clip on: build DistributedMuon with "
                              "qk_clip_tau=TAU")
         known = {id(p) for g in self.param_groups for p in g["params"]}
-        fused = k_weight is None
-        k_weight = q_weight if fused else k_weight
-        for w in (q_weight, k_weight):
-            if id(w) not in known:
-                raise ValueError("register_qk: a weight is not a parameter of this optimizer")
-        if k_row is None:
-            k_row = q_row + recorder.heads * head_dim if fused else 0
-        self.qk_clip.register(QKTarget(recorder, q_weight, k_weight, head_dim, q_row, k_row),
-                              self.sharding.shape)
+        if any(id(w) not in known for w in (q_weight, k_weight) if w is not None):
+            raise ValueError("register_qk: a weight is not a parameter of this optimizer")
+        self.qk_clip.register(recorder, q_weight, k_weight, head_dim=head_dim, q_row=q_row,
+                              k_row=k_row, shape_of=self.sharding.shape)
 
     @property
     def muon_params(self) -> tuple[torch.Tensor, ...]:

@@ -102,12 +102,20 @@ class QKClip:
             raise ValueError(f"qk_clip_tau={tau!r} is not valid: must be > 0 (None: off)")
         self.tau = float(tau)
         self.targets: list[QKTarget] = []
+        self._rows: dict[int, int] = {}  # global rows of each registered weight, by id
         self.last_clipped = 0
         self.last_max_logit: float | None = None
 
-    def register(self, target: QKTarget, shape_of: Callable[[torch.Tensor], torch.Size]) -> None:
-        """Add ``target`` after checking its rows against the weights' global shapes
-        (``shape_of(param)``)."""
+    def register(self, recorder: MaxLogitRecorder, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor | None, *, head_dim: int, q_row: int, k_row: int | None,
+                 shape_of: Callable[[torch.Tensor], torch.Size]) -> None:
+        """Add one attention layer (the arguments of ``DistributedMuon.register_qk``) after
+        checking its rows against the weights' global shapes (``shape_of(param)``)."""
+        fused = k_weight is None
+        if k_row is None:
+            k_row = q_row + recorder.heads * head_dim if fused else 0
+        target = QKTarget(recorder, q_weight, q_weight if fused else k_weight, head_dim, q_row,
+                          k_row)
         if any(t.recorder is target.recorder for t in self.targets):
             raise ValueError("this recorder is registered already: one recorder per layer")
         span = target.recorder.heads * target.head_dim
@@ -118,7 +126,13 @@ class QKClip:
                 raise ValueError(
                     f"{what} rows [{row}, {row + span}) of {target.recorder.heads} heads x "
                     f"head_dim {target.head_dim} do not fit a 2-D weight of shape {shape}")
+            self._rows[id(weight)] = shape[0]
         self.targets.append(target)
+
+    def pending(self) -> bool:
+        """True when a recorder holds maxima not yet taken (a forward ran since the last step).
+        The same on every rank when every rank runs the model."""
+        return any(t.recorder.value is not None for t in self.targets)
 
     def discard(self) -> None:
         """Forget what the recorders hold (a skipped step)."""
@@ -150,7 +164,8 @@ class QKClip:
             per_row = g.repeat_interleave(t.head_dim)
             for weight, row in ((t.q_weight, t.q_row), (t.k_weight, t.k_row)):
                 if id(weight) not in factors:
-                    factors[id(weight)] = (weight, torch.ones(weight.shape[0], device=device))
+                    factors[id(weight)] = (weight, torch.ones(self._rows[id(weight)],
+                                                              device=device))
                 factors[id(weight)][1][row:row + per_row.numel()] *= per_row
         return list(factors.values())
 

@@ -53,12 +53,13 @@ from distributed_muon.optimizer import (
 from distributed_muon.options import DTypeLike, parse_dtype
 from distributed_muon.params import MatrixSpec, default_use_muon
 from distributed_muon.plan import STRATEGIES
+from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
 from distributed_muon.sharding import Sharding
 
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
-_OPTIMIZER_WIDE = ("comm_dtype", "plan")
+_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau")
 
 
 class FlatSharding:
@@ -111,10 +112,16 @@ class DeepSpeedMuon(Optimizer):
 
     ``group_params[i]`` and ``group_names[i]`` are the model parameters of param group ``i``
     and their names (DeepSpeed replaces a group's ``params`` by its flat partitions).
+
+    ``qk_clip_tau`` turns on QK-clip for the layers given to `register_qk` (on
+    ``engine.basic_optimizer``). DeepSpeed steps and copies back one flat partition at a time,
+    so the clip factors are computed (one MAX all-reduce over data parallel) at the first
+    partition's step of a training step, and each partition scales its own fragments of the
+    clipped rows right after its update.
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
-                 plan: str = "lpt", **options: Any) -> None:
+                 plan: str = "lpt", qk_clip_tau: float | None = None, **options: Any) -> None:
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
             raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
@@ -132,6 +139,22 @@ class DeepSpeedMuon(Optimizer):
         self.group_params = [list(g["params"]) for g in self.param_groups]
         self._groups = list(self.param_groups)  # DeepSpeed swaps the list, never the dicts
         self._units: dict[tuple[int, int], _Unit] = {}
+        self.qk_clip = QKClip(qk_clip_tau) if qk_clip_tau is not None else None
+        self._qk_factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def register_qk(self, recorder: MaxLogitRecorder, q_weight: torch.Tensor,
+                    k_weight: torch.Tensor | None = None, *, head_dim: int, q_row: int = 0,
+                    k_row: int | None = None) -> None:
+        """`DistributedMuon.register_qk` for model parameters of this engine (Muon ones)."""
+        if self.qk_clip is None:
+            raise ValueError("register_qk needs QK-clip on: set \"qk_clip_tau\" in the "
+                             "optimizer params of the DeepSpeed config")
+        muon = {id(p) for ps, g in zip(self.group_params, self._groups, strict=True)
+                if g["use_muon"] for p in ps}
+        if any(id(w) not in muon for w in (q_weight, k_weight) if w is not None):
+            raise ValueError("register_qk: a weight is not a Muon parameter of this optimizer")
+        self.qk_clip.register(recorder, q_weight, k_weight, head_dim=head_dim, q_row=q_row,
+                              k_row=k_row, shape_of=logical_shape)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -176,7 +199,26 @@ class DeepSpeedMuon(Optimizer):
             for unit in units:
                 unit.optimizer.param_groups[0].update(_options(group))
                 unit.optimizer.step()
+                if self.qk_clip is not None:
+                    self._clip(gi, unit)
         return loss
+
+    def _clip(self, gi: int, unit: _Unit) -> None:
+        """Scale this unit's fragments of the clipped q/k rows (after its update, before
+        DeepSpeed copies it back); the first unit of a training step computes the factors."""
+        if self.qk_clip.pending():  # a forward ran since the last clip: a new training step
+            device = (unit.flat if unit.flat is not None else self._groups[gi]["params"][0]).device
+            self._qk_factors = self.qk_clip.step(zero0_group({}), device)
+        if unit.optimizer.last_step_skipped or not self._groups[gi]["use_muon"]:
+            return
+        for weight, row_factor in self._qk_factors:
+            if unit.flat is None:  # whole tensors: the group's own, or its fp32 copies, in order
+                index = next((i for i, p in enumerate(self.group_params[gi]) if p is weight),
+                             None)
+                if index is not None:
+                    scale_rows(unit.sharding, self._groups[gi]["params"][index], row_factor)
+            elif weight in unit.sharding.fragments:
+                scale_rows(unit.sharding, weight, row_factor)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

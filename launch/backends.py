@@ -93,12 +93,7 @@ class _TorchBackend(Backend):
             self.opt: torch.optim.Optimizer = DistributedMuon(
                 groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
                 ns_dtype=_ns_dtype(self.device), qk_clip_tau=cfg.qk_clip)
-            if cfg.qk_clip is not None:  # every attention layer reports its max logits
-                for block in model.blocks:
-                    attn = block.attn
-                    attn.recorder = MaxLogitRecorder(attn.heads)
-                    self.opt.register_qk(attn.recorder, attn.qkv.weight,
-                                         head_dim=cfg.model.d // attn.heads)
+            _register_attention(model, self.opt, cfg)
         else:
             self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95),
                                          weight_decay=cfg.weight_decay)
@@ -115,10 +110,7 @@ class _TorchBackend(Backend):
         return self.sched.get_last_lr()[0]
 
     def qk_stats(self) -> dict[str, float | int]:
-        clip = getattr(self.opt, "qk_clip", None)
-        if clip is None or clip.last_max_logit is None:
-            return {}
-        return {"qk_clipped": clip.last_clipped, "max_logit": clip.last_max_logit}
+        return _qk_stats(self.opt)
 
     def _state(self, train_state: dict[str, int | float]) -> dict:
         state = {"model": get_model_state_dict(self.model),
@@ -199,7 +191,7 @@ class DeepSpeed(Backend):
             params = muon_param_groups(model, **model.param_groups_spec())
             block = {"type": "DistributedMuon", "params": {
                 "lr": cfg.peak_lr, "weight_decay": cfg.weight_decay,
-                "ns_dtype": _ns_dtype(self.device)}}
+                "ns_dtype": _ns_dtype(self.device), "qk_clip_tau": cfg.qk_clip}}
         else:
             params = model.parameters()
             block = {"type": "AdamW", "params": {
@@ -217,6 +209,8 @@ class DeepSpeed(Backend):
         self.engine, _, _, self.sched = deepspeed.initialize(
             model=model, model_parameters=params, config=config,
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor))
+        if cfg.optimizer == "muon":
+            _register_attention(model, self.engine.basic_optimizer, cfg)
         return self.engine
 
     def step(self, loss: torch.Tensor) -> None:
@@ -226,6 +220,9 @@ class DeepSpeed(Backend):
     def last_lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
+    def qk_stats(self) -> dict[str, float | int]:
+        return _qk_stats(self.engine.basic_optimizer)
+
     def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
         # DeepSpeed's own format; `latest` is ours (same content as DeepSpeed's own file).
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name,
@@ -234,6 +231,24 @@ class DeepSpeed(Backend):
     def load(self, folder: Path) -> dict[str, int | float]:
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         return {"step": client["step"], "elapsed": client["elapsed"]}
+
+
+def _register_attention(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """With ``--qk-clip``: every attention layer of the tiny MoE reports its max logits to a
+    recorder that ``opt`` (DistributedMuon or DeepSpeedMuon) clips by."""
+    if cfg.qk_clip is None:
+        return
+    for block in model.blocks:
+        attn = block.attn
+        attn.recorder = MaxLogitRecorder(attn.heads)
+        opt.register_qk(attn.recorder, attn.qkv.weight, head_dim=cfg.model.d // attn.heads)
+
+
+def _qk_stats(opt: torch.optim.Optimizer) -> dict[str, float | int]:
+    clip = getattr(opt, "qk_clip", None)
+    if clip is None or clip.last_max_logit is None:
+        return {}
+    return {"qk_clipped": clip.last_clipped, "max_logit": clip.last_max_logit}
 
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FSDP2, DDP, DeepSpeed)}

@@ -42,7 +42,7 @@ class TrainConfig:
     zero_stage: int | None = option(None, "ZeRO stage for --backend deepspeed (default 2)",
                                     choices=(0, 1, 2, 3))
     qk_clip: float | None = option(None, "QK-clip threshold tau on max attention logits "
-                                   "(muon, fsdp2/ddp; inf: log the max logit, never clip)")
+                                   "(muon only; inf: log the max logit, never clip)")
     model: ModelConfig = field(default_factory=ModelConfig)
     # Set by `prepare`: the checkpoint folder a --resume starts from.
     resume_from: str | None = option(None, "", flag=False)
@@ -77,9 +77,6 @@ class TrainConfig:
                 raise ValueError(f"--qk-clip {self.qk_clip}: must be a positive number")
             if self.optimizer != "muon" or self.compare:
                 raise ValueError("--qk-clip is an option of --optimizer muon (drop --compare)")
-            if self.backend == "deepspeed":
-                raise ValueError("--qk-clip is not yet supported with --backend deepspeed: "
-                                 "use --backend fsdp2 or ddp")
         BACKENDS[self.backend].check(self)
         world = self.world_size
         if self.batch % world:

@@ -47,7 +47,6 @@ BAD_INPUTS = [
     (["train", "--compare", "--lr", "0.1"], None, 2, "drop --lr"),
     (["train", "--qk-clip", "0"], None, 2, "--qk-clip 0.0: must be a positive number"),
     (["train", "--qk-clip", "30", "--optimizer", "adamw"], None, 2, "--optimizer muon"),
-    (["train", "--qk-clip", "30", "--backend", "deepspeed"], None, 2, "not yet supported"),
     (["train", "--resume"], None, 2, "no checkpoint"),
     (["train", "--out", "{tmp}/run"], lambda run: run.write_text("x"), 2, "is a file"),
     (["train", "--out", "/proc/dmuon-cannot-write"], None, 2, "cannot write there"),

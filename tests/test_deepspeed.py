@@ -253,6 +253,100 @@ def test_moe_experts_per_expert_data_parallel_group():
     assert sum(r["ns"] for r in results) == (dense + expert_matrices) * steps
 
 
+class TinyAttention(nn.Module):
+    """Embedding, a [D+1, D] Muon matrix ahead (so that ZeRO-1/2's flat range boundary falls
+    inside a row of the K block), one causal attention layer with a fused QKV weight [3D, D]
+    whose forward reports its per-head max logits, and a head: QK-clip under DeepSpeed."""
+
+    heads = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pre = nn.Linear(D, D + 1, bias=False)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.proj = nn.Linear(D, D)
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+        self.recorder = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + torch.tanh(self.pre(h))[..., :D]
+        b, t, _ = h.shape
+        q, k, v = (y.transpose(1, 2) for y in
+                   self.qkv(h).view(b, t, 3, self.heads, D // self.heads).unbind(2))
+        if self.recorder is not None and self.training:
+            self.recorder.record_attention(q, k, causal=True)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(y.transpose(1, 2).reshape(b, t, D))
+        logits = self.lm_head(h)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB),
+                                           tokens[:, 1:].reshape(-1))
+
+
+QK_TAU, QK_STEPS = 1.5, 3
+
+
+def _attention_model():
+    from distributed_muon.qk_clip import MaxLogitRecorder
+
+    torch.manual_seed(0)
+    model = TinyAttention()
+    with torch.no_grad():
+        model.qkv.weight.mul_(4)  # logits above tau from the first step
+    model.recorder = MaxLogitRecorder(model.heads)
+    return model, lambda opt: opt.register_qk(model.recorder, model.qkv.weight,
+                                              head_dim=D // model.heads)
+
+
+def _qk_clip_worker(rank, world, stage):
+    _init_env(rank, world)
+    model, register = _attention_model()
+    cfg = _config(stage, world)
+    cfg["optimizer"]["params"]["qk_clip_tau"] = QK_TAU
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=cfg)
+    register(engine.basic_optimizer)
+    data = _batches(QK_STEPS, world * MICRO).view(QK_STEPS, world, MICRO, SEQ)
+    history, clipped = [], []
+    for step in range(QK_STEPS):
+        engine.backward(engine(data[step, rank]))
+        engine.step()
+        history.append(_full_fp32(engine, model, stage))
+        clipped.append(engine.basic_optimizer.qk_clip.last_clipped)
+    held = [u.sharding.fragments[model.qkv.weight][:2]
+            for u in engine.basic_optimizer._units.values()
+            if model.qkv.weight in getattr(u.sharding, "fragments", {})]
+    return {"history": history, "clipped": clipped, "qkv_held": held}
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1 partitions as ZeRO-2 does
+def test_qk_clip_under_zero_matches_single_process(stage):
+    """Each rank scales its own fragments of the clipped heads' q/k rows (ZeRO flat ranges
+    cut rows): the weights equal the core optimizer's on the whole batch in one process."""
+    world = 2
+    model, register = _attention_model()
+    opt = DistributedMuon(model.named_parameters(), sharding=ReplicatedSharding(None),
+                          qk_clip_tau=QK_TAU, **OPTIONS)
+    register(opt)
+    data = _batches(QK_STEPS, world * MICRO)
+    reference, clipped = [], []
+    for step in range(QK_STEPS):
+        model(data[step]).backward()
+        opt.step()
+        opt.zero_grad()
+        reference.append([p.detach().clone() for p in model.parameters()])
+        clipped.append(opt.qk_clip.last_clipped)
+    assert all(clipped) and min(clipped) < TinyAttention.heads, clipped  # some, not all
+    results = run_ranks(world, _qk_clip_worker, stage, timeout=300)
+    for r in results:
+        assert r["clipped"] == clipped
+        _assert_close(r["history"], reference, 2e-5)
+    if stage == 2:  # the two ranks' flat ranges meet inside a row of the K block
+        (start, length), = results[1]["qkv_held"]
+        assert D * D < start < 2 * D * D and start % D, start
+
+
 def _checkpoint_worker(rank, world, stage, path, mode):
     """``mode="save"``: 2 steps, save, 2 more steps. ``"load"``: load, the same 2 steps."""
     _init_env(rank, world)

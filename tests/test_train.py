@@ -41,9 +41,12 @@ def test_short_run_writes_everything(tmp_path):
     assert json.loads((out / "ranks.json").read_text())["world"] == 2
 
 
-def test_qk_clip_logs_clipped_heads_and_bounds_the_max_logit(tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
+def test_qk_clip_logs_clipped_heads_and_bounds_the_max_logit(tmp_path, backend, request):
+    if backend == "deepspeed":
+        request.getfixturevalue("deepspeed_comm_op")
     out = tmp_path / "run"
-    train(out, "--steps", "4", "--eval-every", "4", "--qk-clip", "1.0", "--backend", "fsdp2")
+    train(out, "--steps", "4", "--eval-every", "4", "--qk-clip", "1.0", "--backend", backend)
     records = metrics(out)
     # 4 layers x 4 heads; the initial logits are above 1.0 in some heads, so some are clipped.
     assert all(0 <= r["qk_clipped"] <= 16 and r["max_logit"] > 0 for r in records)

@@ -320,7 +320,7 @@ def _qk_clip_worker(rank, world, stage):
     return {"history": history, "clipped": clipped, "qkv_held": held}
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1 partitions as ZeRO-2 does
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_qk_clip_under_zero_matches_single_process(stage):
     """Each rank scales its own fragments of the clipped heads' q/k rows (ZeRO flat ranges
     cut rows): the weights equal the core optimizer's on the whole batch in one process."""

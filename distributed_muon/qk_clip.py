@@ -172,14 +172,20 @@ class QKClip:
 
 def scale_rows(sharding: Sharding, param: torch.Tensor, row_factor: torch.Tensor) -> None:
     """Multiply row ``r`` of 2-D ``param`` by ``row_factor[r]`` in this rank's local storage
-    only (the rows, or parts of rows, that the sharding's regions say it holds)."""
+    only (the rows, or parts of rows, that the sharding's regions say it holds): at most three
+    vectorized multiplies per region, whatever its shape."""
     spec = MatrixSpec.storage(sharding.shape(param))
     local = sharding.local(param).view(-1)
     cols = spec.cols
     row_factor = row_factor.to(device=local.device, dtype=local.dtype)
     for region in sharding.regions(param, spec):
-        for start, length, offset in region.intervals(cols):
-            _scale_run(local.narrow(0, offset, length), start, cols, row_factor)
+        for seg in region.block.segments(cols):
+            values = local.narrow(0, region.offset + seg.value_offset, math.prod(seg.size))
+            if len(seg.size) == 1:  # a flat run of full-width rows
+                _scale_run(values, seg.matrix_offset, cols, row_factor)
+            else:  # a rectangle: rows x cols of the matrix, contiguous in local storage
+                row = seg.matrix_offset // cols
+                values.view(seg.size).mul_(row_factor[row:row + seg.size[0], None])
 
 
 def _scale_run(values: torch.Tensor, start: int, cols: int, row_factor: torch.Tensor) -> None:
@@ -197,4 +203,3 @@ def _scale_run(values: torch.Tensor, start: int, cols: int, row_factor: torch.Te
             n = min(cols - col, end - pos)
             values.narrow(0, pos, n).mul_(row_factor[row])
             pos += n
-

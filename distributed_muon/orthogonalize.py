@@ -11,12 +11,21 @@ Newton-Schulz, Zhang, Amsel, Chen, Dao 2026) uses that every step multiplies ``X
 polynomial of the Gram matrix: it iterates on ``m x m`` matrices only and touches the ``m x n``
 ``X`` at the start, at each restart and at the end, which saves FLOPs when ``n > 1.5 m``
 (`newton_schulz_flops`); elsewhere it runs the standard iteration.
+
+Both methods spend most of their FLOPs on products whose result is symmetric (``X X^T``,
+``A A``, and Gram's products of commuting polynomials in ``X X^T``). On CUDA in bf16/fp16 with
+Triton installed, those run by `distributed_muon.symmetric` (half of the tiles) from
+``SYMMETRIC_MIN_SIZE`` rows up; everywhere else by torch's batched matmuls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -59,6 +68,13 @@ NS_METHODS = ("standard", "gram")
 GRAM_RESTART = 2
 # Gram saves FLOPs exactly when n > GRAM_MIN_ASPECT * m (see `newton_schulz_flops`).
 GRAM_MIN_ASPECT = 1.5
+
+# kernel="auto" runs the symmetric products by the Triton kernel on CUDA (bf16/fp16) when the
+# m x m result has at least this many rows; below it torch's matmul is as fast or faster.
+# Measured per GPU with `scripts/bench_ns.py --kernels` (docs/benchmarks.md); the environment
+# variable DMUON_SYMMETRIC_MIN_SIZE overrides it (a huge value turns the kernel off).
+SYMMETRIC_MIN_SIZE = int(os.environ.get("DMUON_SYMMETRIC_MIN_SIZE", "2048"))
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +163,57 @@ def newton_schulz_flops(
     return float(steps) * (4.0 * a * a * b + 2.0 * a**3)
 
 
+# A product known to be symmetric: (A, B, alpha=, beta=, D=, diag=) ->
+# alpha * A @ B + beta * D + diag * I, batched [B, m, k] @ [B, k, m].
+SymmetricProduct = Callable[..., torch.Tensor]
+
+
+def _torch_symmetric(
+    A: torch.Tensor, B: torch.Tensor, *, alpha: float = 1.0, beta: float = 0.0,
+    D: torch.Tensor | None = None, diag: float = 0.0,
+) -> torch.Tensor:
+    if D is None:
+        C = torch.bmm(A, B)
+        if alpha != 1.0:
+            C.mul_(alpha)
+    else:
+        C = torch.baddbmm(D, A, B, beta=beta, alpha=alpha)
+    if diag:
+        C.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return C
+
+
+@functools.cache
+def _symmetric_module() -> ModuleType | None:
+    """`distributed_muon.symmetric`, or None where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from distributed_muon import symmetric
+
+    return symmetric
+
+
+def symmetric_kernel_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernel for symmetric products can run on ``device``."""
+    return torch.device(device).type == "cuda" and _symmetric_module() is not None
+
+
+def _symmetric_product(Y: torch.Tensor, kernel: str) -> SymmetricProduct:
+    """How `orthogonalize` computes the symmetric products of the batch ``Y[B, m, n]``."""
+    if kernel == "torch":
+        return _torch_symmetric
+    fits = Y.is_cuda and Y.dtype in (torch.bfloat16, torch.float16)
+    if kernel == "triton":
+        module = _symmetric_module()
+        if not fits or module is None:
+            raise ValueError(f"kernel='triton' needs CUDA, Triton and a bf16/fp16 ns_dtype, got "
+                             f"{Y.dtype} on {Y.device} (Triton installed: {module is not None})")
+        return module.symmetric_matmul
+    if fits and Y.shape[-2] >= SYMMETRIC_MIN_SIZE and _symmetric_module() is not None:
+        return _symmetric_module().symmetric_matmul
+    return _torch_symmetric
+
+
 def _step_coefficients(coeffs: tuple[Coefficients, ...], steps: int) -> list[Coefficients]:
     return [coeffs[min(k, len(coeffs) - 1)] for k in range(steps)]
 
@@ -159,6 +226,7 @@ def orthogonalize(
     eps: float = 1e-7,
     method: str = "standard",
     restart: int = GRAM_RESTART,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Approximate polar factor of every matrix in ``X[..., m, n]``.
 
@@ -172,6 +240,11 @@ def orthogonalize(
     restarting from ``X`` every ``restart`` steps (``<= 0``: never), where it saves FLOPs
     (`gram_is_cheaper`: ``max(m, n) > 1.5 min(m, n)``); other shapes run the standard iteration.
     The normalization is fp32 for both methods.
+
+    ``kernel`` says how the symmetric products run: ``"auto"`` by the Triton kernel on CUDA in
+    bf16/fp16 for ``min(m, n) >= SYMMETRIC_MIN_SIZE`` (torch elsewhere), ``"torch"`` always by
+    torch, ``"triton"`` always by the kernel (an error where it cannot run). The torch path is
+    bit for bit the same computation on every device.
 
     ``schedule`` may instead be an `NSOptions`, which then gives ``schedule``, ``steps``,
     ``dtype``, ``eps``, ``method`` and ``restart`` (its ``scale`` is the caller's to apply).
@@ -187,6 +260,8 @@ def orthogonalize(
     if steps < 1:
         raise ValueError(f"ns_steps must be >= 1, got {steps}")
     check_method(method)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not valid: use one of {KERNELS}")
     coeffs = resolve_schedule(schedule)
     if coeffs is None:
         return _polar_factor_svd(X)
@@ -198,19 +273,23 @@ def orthogonalize(
     norm = torch.linalg.matrix_norm(batch.float(), keepdim=True)
     Y = (batch.float() / (norm + eps)).to(dtype)
     step_coeffs = _step_coefficients(coeffs, steps)
+    sym = _symmetric_product(Y, kernel)
     if method == "gram" and gram_is_cheaper(m, n, steps, restart):
-        Y = _gram_iterate(Y, step_coeffs, restart)
+        Y = _gram_iterate(Y, step_coeffs, restart, sym)
     else:
         for a, b, c in step_coeffs:
-            A = torch.bmm(Y, Y.mT)
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            A = sym(Y, Y.mT)
+            B = sym(A, A, alpha=c, beta=b, D=A)  # b A + c A A
             Y = torch.baddbmm(Y, B, Y, beta=a)
     if m > n:
         Y = Y.mT
     return Y.reshape(X.shape)
 
 
-def _gram_iterate(Y: torch.Tensor, step_coeffs: list[Coefficients], restart: int) -> torch.Tensor:
+def _gram_iterate(
+    Y: torch.Tensor, step_coeffs: list[Coefficients], restart: int,
+    sym: SymmetricProduct = _torch_symmetric,
+) -> torch.Tensor:
     """Gram Newton-Schulz on a batch ``Y[B, m, n]``, ``m < n``, already normalized.
 
     A standard step is ``Y <- p(Y Y^T) Y`` with ``p(t) = a + b t + c t^2``, so after any number
@@ -219,19 +298,19 @@ def _gram_iterate(Y: torch.Tensor, step_coeffs: list[Coefficients], restart: int
     ``P = p(R); Q <- P Q; R <- P R P`` on ``m x m`` matrices, and ``Y`` is formed once at the
     end of each segment of ``restart`` steps (``Y = Q Y0``), from which the next segment starts
     afresh (``R = Y Y^T``, ``Q = I``), so the rounding of ``Q`` and ``R`` never compounds for
-    more than ``restart`` steps.
+    more than ``restart`` steps. Every ``m x m`` product here is symmetric (polynomials in one
+    matrix commute), so all of them go through ``sym``.
     """
     size = len(step_coeffs) if restart <= 0 else restart
     for start in range(0, len(step_coeffs), size):
         segment = step_coeffs[start:start + size]
-        R = torch.bmm(Y, Y.mT)
+        R = sym(Y, Y.mT)
         Q: torch.Tensor | None = None
         for k, (a, b, c) in enumerate(segment):
-            P = torch.baddbmm(R, R, R, beta=b, alpha=c)
-            P.diagonal(dim1=-2, dim2=-1).add_(a)
-            Q = P if Q is None else torch.bmm(P, Q)
+            P = sym(R, R, alpha=c, beta=b, D=R, diag=a)  # a I + b R + c R R
+            Q = P if Q is None else sym(P, Q)
             if k + 1 < len(segment):
-                R = torch.bmm(torch.bmm(P, R), P)
+                R = sym(sym(P, R), P)
         Y = torch.bmm(Q, Y)
     return Y
 

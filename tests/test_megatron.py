@@ -199,9 +199,71 @@ def _worker(rank, world):
             "ns": opt.ns_matrices,
             "group_size": torch.distributed.get_world_size(sharding.group),
             "errors": _errors(model, sharding),
+            "flat": _distributed_optimizer_shards(coords, params, grads),
         }
     finally:
         ps.destroy_model_parallel()
+
+
+def _flat_ranges(params, size, rank):
+    """This DP rank's range of each parameter when the parameters, laid end to end, are cut
+    into ``size`` equal parts (as Megatron's distributed optimizer cuts a bucket; ranges
+    ignore parameter and TP-block boundaries)."""
+    total = sum(p.numel() for p in params)
+    chunk = -(-total // size)
+    lo, hi, pos, out = rank * chunk, min(total, (rank + 1) * chunk), 0, []
+    for p in params:
+        s, e = max(lo, pos) - pos, min(hi, pos + p.numel()) - pos
+        out.append((s, e) if s < e else None)
+        pos += p.numel()
+    return out
+
+
+def _distributed_optimizer_shards(coords, params, grads):
+    """`MegatronMuon` over Megatron's own param groups, stepping fp32 main shards that are flat
+    ranges of the TP-local weights (dense: split over data parallel; experts: over expert data
+    parallel), as Megatron's distributed optimizer hands them to its inner optimizer."""
+    from distributed_muon.integrations.megatron import MegatronSharding
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    model = _model()
+    names = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in names.items()}
+    with torch.no_grad():
+        for name, p in names.items():
+            p.copy_(shard(name, params[name], coords))
+    sharding = MegatronSharding(model)
+    groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
+    out, ns, spans = {}, 0, {}
+    for expert in (False, True):
+        mine = [g for g in groups if g["is_expert_parallel"] == expert]
+        dp = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+        size, rank = torch.distributed.get_world_size(dp), torch.distributed.get_rank(dp)
+        opt = MegatronMuon(mine, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
+                           comm_dtype="fp32")
+        flat = [p for g in mine for p in g["params"]]
+        ranges = dict(zip(map(id, flat), _flat_ranges(flat, size, rank)))
+        mains = []
+        for g in opt.param_groups:  # what the wrapper does: main shards replace the params
+            pairs = []
+            for p in g["params"]:
+                span = ranges[id(p)]
+                main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
+                pairs.append((main, span))
+                if main is not None:
+                    spans[name_of[id(p)]] = (span, main)
+            g["params"] = [m for m, _ in pairs if m is not None]
+            mains.append(pairs)
+        opt.bind(mains, dp)
+        for g in grads:
+            for name, (span, main) in spans.items():
+                main.grad = shard(name, g[name], coords).reshape(-1)[span[0]:span[1]].clone()
+            opt.step()
+        ns += opt.ns_matrices
+    out = {name: (span, main.detach().clone()) for name, (span, main) in spans.items()}
+    return {"shards": out, "ns": ns}
 
 
 def single_process(params, grads):
@@ -277,6 +339,31 @@ def test_parity_with_single_process_on_full_matrices(results):
 def test_each_matrix_orthogonalized_exactly_once_across_tp_x_dp(results):
     assert all(res["group_size"] == WORLD for res in results)
     assert sum(res["ns"] for res in results) == N_MATRICES * STEPS
+
+
+def test_distributed_optimizer_flat_shards_inside_tp_blocks(results):
+    """Main shards cut across TP blocks, QKV groups and parameters: every shard equals the
+    same range of the single-process result, the ranges of the DP ranks tile each local
+    weight, and each matrix is still orthogonalized once per step across TP x DP."""
+    params, grads = full_tensors()
+    want = single_process(params, grads)
+    covered: dict[tuple, int] = {}
+    for rank, res in enumerate(results):
+        for name, ((s, e), mine) in res["flat"]["shards"].items():
+            p0 = shard(name, params[name], res["coords"]).reshape(-1)[s:e]
+            ref = shard(name, want[name], res["coords"]).reshape(-1)[s:e]
+            assert rel(mine - p0, ref - p0) < 1e-6, (rank, name, s, e)
+            key = (name, res["coords"]["tp"] if not PARAMS[name][3] else
+                   (res["coords"]["ep"], res["coords"]["etp"]))
+            covered[key] = covered.get(key, 0) + e - s
+    cut = {name for res in results for name, ((s, _), _) in res["flat"]["shards"].items()
+           if s > 0 and PARAMS[name][1] is not None and name not in ADAMW}
+    assert cut, "the simulated partition must cut some TP-sharded matrix inside its block"
+    for (name, _), count in covered.items():
+        full = params[name]
+        local = shard(name, full, {"tp": 0, "etp": 0, "ep": 0})
+        assert count == local.numel(), (name, count)
+    assert sum(res["flat"]["ns"] for res in results) == N_MATRICES * STEPS
 
 
 def test_param_groups_follow_megatron(results):

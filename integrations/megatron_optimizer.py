@@ -1,0 +1,475 @@
+"""``--optimizer dmuon`` for Megatron: `DistributedMuon` inside Megatron's own optimizer wrappers.
+
+``import distributed_muon.integrations.megatron_optimizer`` makes Megatron's
+``get_megatron_optimizer`` build DistributedMuon when ``config.optimizer == "dmuon"`` (and, with
+``megatron.training`` installed, adds ``dmuon`` to ``--optimizer`` and the ``--dmuon-*`` flags).
+
+Megatron's wrappers keep doing what they do for Adam: fp32 main copies of bf16 weights, the
+distributed optimizer's flat per-bucket shards (``--use-distributed-optimizer``), gradient
+clipping and the logged grad norm on the main gradients (before orthogonalization), and
+checkpoints of the inner optimizer's per-parameter state. The inner optimizer they wrap is
+`MegatronMuon`: its param groups are Megatron's (main params, ``wd_mult``, ``max_lr``, ...,
+driven by Megatron's scheduler); it steps one `DistributedMuon` over the *model* parameters of
+the whole pipeline stage, whose local storage (`_MainSharding`) is this rank's main param or
+main shard. Every rank thus describes the same matrices, and each is orthogonalized once across
+TP x DP.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
+from torch import nn
+from torch.optim import Optimizer
+
+from distributed_muon.layout import Block, Region
+from distributed_muon.optimizer import DistributedMuon, group_defaults
+from distributed_muon.params import MatrixSpec, is_embedding_or_head_name
+
+# Megatron's --muon-scale-mode as (our scale, factor): Megatron's "spectral" is
+# sqrt(max(m, n)), i.e. Moonlight's 0.2 * sqrt(max(m, n)) times 5 (docs/muon.md).
+SCALE_MODES = {
+    "spectral": ("match_rms_adamw", 5.0),
+    "shape_scaling": ("original", 1.0),
+    "unit_rms_norm": ("spectral", 1.0),
+}
+# Megatron's --muon-coefficient-type -> our ns_schedule.
+COEFFICIENTS = {"quintic": "jordan", "polar_express": "polar_express"}
+# --dmuon-* flags: option, type, default, help. Megatron rewrites a ``dist_`` prefix, so no
+# flag here starts with it.
+FLAGS: dict[str, tuple[type, Any, str]] = {
+    "ns_method": (str, "standard", "Newton-Schulz iteration: standard or gram"),
+    "ns_dtype": (str, "bf16", "dtype of the Newton-Schulz iteration: bf16 or fp32"),
+    "comm_dtype": (str, "bf16", "dtype of the gradient/update exchange: bf16 or fp32"),
+    "plan": (str, "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin"),
+    "scale": (str, None, "shape scale (match_rms_adamw, original, spectral, none); default: "
+                         "the one --muon-scale-mode and --muon-extra-scale-factor give"),
+}
+
+
+class _MainSharding:
+    """`MegatronSharding` of the model parameters, stored in the wrapper's main params.
+
+    ``mains[id(model_param)] = (main, (start, stop) or None)``: this rank's fp32 main param, a
+    flat range of the model param's local storage under the distributed optimizer (None: a
+    whole copy). A model param with no main here holds nothing of the matrix on this rank.
+    ``replicas[id(model_param)]`` overrides the replica id (one copy spread over data parallel).
+    """
+
+    def __init__(self, base: MegatronSharding, mains: dict[int, tuple[torch.Tensor, Any]],
+                 replicas: dict[int, int], device: torch.device) -> None:
+        self.base, self.mains, self.replicas = base, mains, replicas
+        self.group, self.rank = base.group, base.rank
+        self._empty = torch.empty(0, device=device)
+
+    def shape(self, param: torch.Tensor) -> torch.Size:
+        return self.base.shape(param)
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        main = self.mains.get(id(param))
+        return main[0] if main is not None else self._empty
+
+    def local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        main = self.mains.get(id(param))
+        return main[0].grad if main is not None else None
+
+    def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
+        main = self.mains.get(id(param))
+        if main is None:
+            return []
+        regions = self.base.regions(param, spec)
+        if main[1] is None:
+            return regions
+        replica = self.replicas[id(param)]
+        cut = (_restrict(r, *main[1], replica) for r in regions)
+        return [r for r in cut if r is not None]
+
+
+def _restrict(region: Region, start: int, stop: int, replica: int) -> Region | None:
+    """The part of ``region`` in local storage ``[start, stop)``, re-offset to ``start``."""
+    lo = max(start, region.offset)
+    hi = min(stop, region.offset + region.block.size)
+    if lo >= hi:
+        return None
+    b = region.block
+    block = Block(row0=b.row0, row1=b.row1, col0=b.col0, col1=b.col1,
+                  start=b.start + lo - region.offset, stop=b.start + hi - region.offset)
+    return Region(rank=region.rank, replica=replica, block=block, offset=lo - start)
+
+
+class MegatronMuon(Optimizer):
+    """The torch optimizer Megatron's wrappers hold for ``--optimizer dmuon``.
+
+    ``param_groups`` are Megatron's (from its ``_get_param_groups``), of model params until the
+    wrapper swaps in its main params; `bind` then builds the `DistributedMuon` that steps them.
+    ``options`` are `DistributedMuon` group options; ``scale_factor`` multiplies Muon updates
+    (Megatron's ``--muon-extra-scale-factor`` and spectral mode): applied as ``lr * f`` with
+    weight decay ``wd / f``, the same decoupled update.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
+                 split_qkv: bool = True, scale_factor: float = 1.0,
+                 comm_dtype: str = "bf16", plan: str = "lpt", **options: Any) -> None:
+        if not scale_factor > 0:
+            raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
+        self.options = group_defaults(**options)
+        self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
+        self.comm_dtype, self.plan = comm_dtype, plan
+        super().__init__(param_groups, {"lr": self.options["lr"]})
+        self.model_params = [list(g["params"]) for g in self.param_groups]
+        self.inner: DistributedMuon | None = None
+        self._links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model param, main)
+        self._inner_of: list[tuple[int, bool]] = []  # inner group -> (outer group, is Muon)
+
+    def bind(self, mains: Sequence[Sequence[tuple[torch.Tensor, Any]]],
+             dp_group: dist.ProcessGroup | None) -> None:
+        """Build the inner optimizer once the wrapper has its main params.
+
+        ``mains[g][i] = (main, (start, stop) or None)`` for model param ``i`` of group ``g``
+        (``main`` None when this rank holds none of it); ``dp_group``: the group a
+        distributed optimizer splits each copy over (None without one).
+        """
+        table, replicas = {}, {}
+        for params, pairs in zip(self.model_params, mains, strict=True):
+            for p, (main, span) in zip(params, pairs, strict=True):
+                if main is not None:
+                    table[id(p)] = (main, span)
+                    self._links.append((p, main))
+        if dp_group is not None:
+            replicas = _shared_replicas(self.sharding, self.model_params, dp_group)
+        device = next((m.device for m, _ in table.values()), torch.device("cpu"))
+        sharding = _MainSharding(self.sharding, table, replicas, device)
+        groups = []
+        for gi, params in enumerate(self.model_params):
+            for sub, is_muon in self._split(params):
+                if sub["params"]:
+                    groups.append({**self.options, **sub})
+                    self._inner_of.append((gi, is_muon))
+        self.inner = DistributedMuon(groups, sharding=sharding, comm_dtype=self.comm_dtype,
+                                     plan=self.plan)
+        self._link()
+
+    def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:
+        """One Megatron group -> Muon params, one group per split QKV weight, AdamW params
+        (Megatron's rule: 2-D weights that are not embeddings or the output layer, known by
+        Megatron's attribute or, as `megatron_param_groups` does, by name)."""
+        muon, adamw = [], []
+        for p in params:
+            info = self.sharding.info(p)
+            matrix = (p.ndim == 2 and not getattr(p, "is_embedding_or_output_parameter", False)
+                      and not is_embedding_or_head_name(info.name))
+            blocks = self.sharding.qkv_row_blocks(p) if matrix and self.split_qkv else None
+            if blocks is not None:
+                yield {"params": [p], "param_names": [info.name], "use_muon": True,
+                       "row_blocks": blocks}, True
+            else:
+                (muon if matrix else adamw).append((p, info.name))
+        for chosen, use in ((muon, True), (adamw, False)):
+            yield {"params": [p for p, _ in chosen], "param_names": [n for _, n in chosen],
+                   "use_muon": use}, use
+
+    def _link(self) -> None:
+        """The inner optimizer's state lives in this one's, keyed by main param (what
+        Megatron's checkpoints save)."""
+        for p, main in self._links:
+            self.inner.state[p] = self.state[main]
+
+    def init_state(self) -> None:
+        """Zero state for every main param (Megatron's ``init_state_fn``, before a load)."""
+        muon = {id(p) for g, (_, is_muon) in zip(self.inner.param_groups, self._inner_of,
+                                                  strict=True) if is_muon for p in g["params"]}
+        for p, main in self._links:
+            state = self.state[main]
+            if state:
+                continue
+            if id(p) in muon:
+                state["momentum_buffer"] = torch.zeros_like(main)
+            else:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(main),
+                             exp_avg_sq=torch.zeros_like(main))
+
+    @property
+    def ns_matrices(self) -> int:
+        return self.inner.ns_matrices if self.inner is not None else 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if self.inner is None:
+            raise RuntimeError("MegatronMuon.bind(...) was not called: build it through "
+                               "get_dmuon_optimizer (or Megatron's get_megatron_optimizer "
+                               "with optimizer='dmuon')")
+        for group, (gi, is_muon) in zip(self.inner.param_groups, self._inner_of, strict=True):
+            outer = self.param_groups[gi]
+            f = self.scale_factor if is_muon else 1.0
+            group["lr"] = outer["lr"] * f
+            # Megatron's scheduler sets weight_decay (times wd_mult); without it, the option.
+            wd = outer.get("weight_decay",
+                           self.options["weight_decay"] * outer.get("wd_mult", 1.0))
+            group["weight_decay"] = wd / f
+        return self.inner.step(closure)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # torch replaced `self.state`
+
+
+def _shared_replicas(sharding: MegatronSharding, groups: list[list[torch.Tensor]],
+                     dp_group: dist.ProcessGroup) -> dict[int, int]:
+    """Replica id of each model param whose copy a distributed optimizer spreads over
+    ``dp_group``: the smallest replica id of the DP peers' copies (one MIN all-reduce)."""
+    params = [p for ps in groups for p in ps]
+    ids = torch.tensor([sharding.info(p).replica for p in params], dtype=torch.int64)
+    if dist.get_backend(dp_group) == "nccl":
+        ids = ids.cuda()
+    dist.all_reduce(ids, op=dist.ReduceOp.MIN, group=dp_group)
+    return {id(p): int(r) for p, r in zip(params, ids.tolist(), strict=True)}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def dmuon_options(config: Any) -> dict[str, Any]:
+    """`MegatronMuon` keywords from a Megatron ``OptimizerConfig``: the ``--muon-*`` options
+    we share keep their meaning, ``dmuon_*`` attributes (the ``--dmuon-*`` flags) add ours."""
+    mode = config.muon_scale_mode
+    if mode not in SCALE_MODES:
+        raise ValueError(f"--muon-scale-mode {mode} is not supported by --optimizer dmuon: use "
+                         f"one of {sorted(SCALE_MODES)} (or --dmuon-scale)")
+    coefficients = getattr(config, "muon_coefficient_type", "quintic")  # 0.16: quintic only
+    schedule = COEFFICIENTS.get(coefficients)
+    if schedule is None:
+        raise ValueError(f"--muon-coefficient-type {coefficients} is not "
+                         f"supported by --optimizer dmuon: use one of {sorted(COEFFICIENTS)}")
+    scale, factor = SCALE_MODES[mode]
+    explicit = getattr(config, "dmuon_scale", None)
+    if explicit is not None:
+        scale, factor = explicit, 1.0
+    nesterov = getattr(config, "muon_nesterov", getattr(config, "muon_use_nesterov", False))
+    return {
+        "lr": config.lr, "weight_decay": config.weight_decay,
+        "momentum": config.muon_momentum, "nesterov": bool(nesterov),
+        "ns_steps": config.muon_num_ns_steps, "ns_schedule": schedule, "scale": scale,
+        "scale_factor": factor * config.muon_extra_scale_factor,
+        "split_qkv": config.muon_split_qkv,
+        "adamw_betas": (config.adam_beta1, config.adam_beta2), "adamw_eps": config.adam_eps,
+        **{name: getattr(config, f"dmuon_{name}", default)
+           for name, (_, default, _) in FLAGS.items() if name != "scale"},
+    }
+
+
+def check_supported(config: Any) -> None:
+    """Refuse, before anything is built, what `MegatronMuon` does not support."""
+    version = _megatron_version()
+    if version is not None and not _in_range(version):
+        raise RuntimeError(f"megatron-core {version} is outside the range --optimizer dmuon "
+                           f"supports ({SUPPORTED}): pip install 'megatron-core{SUPPORTED}'")
+    refusals = {
+        "fp16": "fp16 loss scaling is not supported with --optimizer dmuon: use --bf16",
+        "optimizer_cpu_offload": "--optimizer-cpu-offload is not supported with --optimizer "
+                                 "dmuon: DistributedMuon steps on the GPU",
+        "use_precision_aware_optimizer": "--use-precision-aware-optimizer is not supported "
+                                         "with --optimizer dmuon",
+        "overlap_param_gather_with_optimizer_step": "--overlap-param-gather-with-optimizer-step"
+                                                    " is not supported with --optimizer dmuon",
+    }
+    for attr, message in refusals.items():
+        if getattr(config, attr, False):
+            raise ValueError(message)
+
+
+def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
+                        config_overrides: dict | None = None,
+                        use_gloo_process_groups: bool = True,
+                        pg_collection: Any = None, **_: Any) -> Any:
+    """Megatron's optimizer for ``config.optimizer == "dmuon"``: per pipeline stage, one
+    wrapper for dense and one for expert parameters (Megatron reduces their gradients over
+    different groups), each a `MegatronMuon` inside Megatron's ``DistributedOptimizer``
+    (``config.use_distributed_optimizer``), ``Float16OptimizerWithFloat16Params`` (bf16) or
+    ``FP32Optimizer``, chained like Megatron's own."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import (
+        ChainedOptimizer,
+        Float16OptimizerWithFloat16Params,
+        FP32Optimizer,
+        _get_param_groups,
+        get_standard_config_overrides,
+    )
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    check_supported(config)
+    options = dmuon_options(config)
+    if config_overrides is None:
+        config_overrides = get_standard_config_overrides(config)
+    sharding = MegatronSharding(model_chunks)
+    groups = _get_param_groups(model_chunks, config, config_overrides)
+    distributed = bool(config.use_distributed_optimizer)
+    if distributed and getattr(model_chunks[0].ddp_config,
+                               "num_distributed_optimizer_instances", 1) != 1:
+        raise ValueError("--num-distributed-optimizer-instances > 1 is not supported with "
+                         "--optimizer dmuon")
+    wrappers = []
+    for expert in (False, True):
+        mine = [g for g in groups if g["is_expert_parallel"] == expert]
+        if not mine:
+            continue
+        inner = MegatronMuon(mine, sharding, **options)
+        init = _init_state_fn
+        if distributed:
+            dp = (ps.get_expert_data_parallel_group() if expert
+                  else ps.get_data_parallel_group(with_context_parallel=True))
+            buffers = {i: getattr(chunk, "expert_parallel_buffers" if expert else "buffers")
+                       for i, chunk in enumerate(model_chunks)}
+            wrapper = DistributedOptimizer(
+                inner, config, None, init, model_chunks=model_chunks,
+                per_model_buffers=buffers, data_parallel_group=dp,
+                data_parallel_group_gloo=None,
+                data_parallel_group_idx=dist.get_rank(ps.get_model_parallel_group()),
+                distributed_optimizer_instance_id=0)
+            inner.bind(_distributed_mains(wrapper, inner), dp)
+            stats = dp
+        else:
+            cls = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
+            args = (inner, config, None, init) if config.bf16 else (inner, config, init)
+            wrapper = cls(*args)
+            inner.bind(_copied_mains(inner), None)
+            stats = (ps.get_expert_tensor_model_pipeline_parallel_group() if expert
+                     else ps.get_model_parallel_group())
+        wrapper.grad_stats_parallel_group = stats
+        wrapper.tp_group = ps.get_tensor_model_parallel_group()
+        wrappers.append(wrapper)
+    return ChainedOptimizer(wrappers)
+
+
+def _init_state_fn(opt: MegatronMuon, config: Any = None) -> None:
+    opt.init_state()
+
+
+def _copied_mains(inner: MegatronMuon) -> list[list[tuple[torch.Tensor, None]]]:
+    """Float16/FP32 wrappers: group ``g``'s i-th param is now the main copy of model param i
+    (the same tensor for fp32 params)."""
+    return [[(main, None) for main in g["params"]] for g in inner.param_groups]
+
+
+def _distributed_mains(wrapper: Any, inner: MegatronMuon) -> list[list[tuple[Any, Any]]]:
+    """Megatron's distributed optimizer: each model param's main shard on this rank and its
+    flat range in the param's local storage (its private range map: the one place read)."""
+    shards = {}
+    for models, mains in ((wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups),
+                          (wrapper.model_fp32_groups, wrapper.shard_fp32_groups)):
+        for mg, sg in zip(models, mains, strict=True):
+            for model, main in zip(mg, sg, strict=True):
+                span = wrapper._get_model_param_range_map(model)["param"]
+                shards[id(model)] = (main, (span.start, span.end))
+    return [[shards.get(id(p), (None, None)) for p in params] for params in inner.model_params]
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def _megatron_version() -> str | None:
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _in_range(version: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+
+    return version in SpecifierSet(SUPPORTED)
+
+
+def add_dmuon_arguments(parser: Any) -> Any:
+    """Add ``dmuon`` to Megatron's ``--optimizer`` and the ``--dmuon-*`` flags."""
+    for action in parser._actions:
+        if "--optimizer" in action.option_strings and action.choices is not None:
+            if "dmuon" not in action.choices:
+                action.choices = [*action.choices, "dmuon"]
+    group = parser.add_argument_group("distributed_muon", "--optimizer dmuon only")
+    for name, (kind, default, text) in FLAGS.items():
+        group.add_argument(f"--dmuon-{name.replace('_', '-')}", type=kind, default=default,
+                           dest=f"dmuon_{name}", help=text)
+    return parser
+
+
+def _patched_get_optimizer(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_megatron_optimizer(config: Any, model_chunks: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(config, "optimizer", None) != "dmuon":
+            return original(config, model_chunks, *args, **kwargs)
+        training_args = _training_args()
+        if training_args is not None:  # the --dmuon-* flags, which OptimizerConfig lacks
+            for name in FLAGS:
+                setattr(config, f"dmuon_{name}", getattr(training_args, f"dmuon_{name}",
+                                                         FLAGS[name][1]))
+        names = ("config_overrides", "use_gloo_process_groups", "pg_collection")
+        kwargs.update(zip(names, args, strict=False))
+        return get_dmuon_optimizer(config, model_chunks, **kwargs)
+
+    get_megatron_optimizer.dmuon = True
+    return get_megatron_optimizer
+
+
+def _training_args() -> Any:
+    module = sys.modules.get("megatron.training.global_vars")
+    if module is None:
+        return None
+    try:
+        return module.get_args()
+    except AssertionError:  # Megatron's "args is not initialized"
+        return None
+
+
+def _patched_validate_args(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def validate_args(args: Any, *rest: Any, **kwargs: Any) -> Any:
+        # Megatron turns --use-distributed-optimizer into its layer-wise optimizer for any
+        # optimizer but adam/sgd; dmuon uses the flat distributed optimizer as adam does.
+        if getattr(args, "optimizer", None) != "dmuon":
+            return original(args, *rest, **kwargs)
+        args.optimizer = "adam"
+        try:
+            return original(args, *rest, **kwargs)
+        finally:
+            args.optimizer = "dmuon"
+
+    validate_args.dmuon = True
+    return validate_args
+
+
+def register() -> None:
+    """Patch Megatron (idempotent): ``get_megatron_optimizer`` where it is bound, and with
+    ``megatron.training`` the argument parser and its validation."""
+    import megatron.core.optimizer as core_optimizer
+
+    for module in (core_optimizer, sys.modules.get("megatron.training.training")):
+        fn = getattr(module, "get_megatron_optimizer", None)
+        if fn is not None and not getattr(fn, "dmuon", False):
+            module.get_megatron_optimizer = _patched_get_optimizer(fn)
+    try:
+        from megatron.training import arguments
+    except ImportError:  # megatron-core < 0.19 ships no megatron.training
+        return
+    if not getattr(arguments.add_megatron_arguments, "dmuon", False):
+        original = arguments.add_megatron_arguments
+
+        def add_megatron_arguments(parser: Any) -> Any:
+            return add_dmuon_arguments(original(parser) or parser)
+
+        add_megatron_arguments.dmuon = True
+        arguments.add_megatron_arguments = add_megatron_arguments
+    if not getattr(arguments.validate_args, "dmuon", False):
+        arguments.validate_args = _patched_validate_args(arguments.validate_args)
+
+
+register()
+
+__all__ = ["MegatronMuon", "add_dmuon_arguments", "dmuon_options", "get_dmuon_optimizer",
+           "register"]

@@ -1,0 +1,85 @@
+"""`--optimizer dmuon` registration and flag mapping, with the real megatron-core of this machine.
+
+Megatron's wrappers (fp32 main params, the distributed optimizer) need CUDA: their end-to-end
+runs are in tests/test_gpu.py. The distributed optimizer's flat shards are tested on CPU in
+tests/test_megatron.py (`test_distributed_optimizer_flat_shards_inside_tp_blocks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from distributed_muon.integrations import megatron_optimizer as mo  # noqa: E402
+from megatron.core import optimizer as core_optimizer  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
+
+
+def test_import_patches_get_megatron_optimizer_once():
+    patched = core_optimizer.get_megatron_optimizer
+    assert getattr(patched, "dmuon", False)
+    mo.register()  # idempotent: no wrapper around the wrapper
+    assert core_optimizer.get_megatron_optimizer is patched
+    assert not getattr(patched.__wrapped__, "dmuon", False)
+
+
+def test_other_optimizers_reach_megatron_untouched(monkeypatch):
+    seen = []
+    wrapper = mo._patched_get_optimizer(lambda config, chunks, *a, **k: seen.append(config))
+    config = OptimizerConfig(optimizer="adam", lr=1e-3)
+    wrapper(config, [])
+    assert seen == [config]
+
+
+def test_megatron_defaults_map_to_the_same_update():
+    opts = mo.dmuon_options(OptimizerConfig(optimizer="dmuon", lr=2e-3, weight_decay=0.1))
+    # Megatron's default scale mode "spectral" is sqrt(max(m, n)) = 5 x Moonlight's.
+    assert (opts["scale"], opts["scale_factor"]) == ("match_rms_adamw", 5.0)
+    assert opts["ns_schedule"] == "jordan" and opts["ns_steps"] == 5
+    assert opts["lr"] == 2e-3 and opts["weight_decay"] == 0.1
+    assert opts["split_qkv"] is True
+    assert (opts["ns_method"], opts["comm_dtype"], opts["plan"]) == ("standard", "bf16", "lpt")
+
+
+@pytest.mark.parametrize("mode, factor, want", [
+    ("spectral", 0.2, ("match_rms_adamw", 1.0)),
+    ("shape_scaling", 1.0, ("original", 1.0)),
+    ("unit_rms_norm", 2.0, ("spectral", 2.0)),
+])
+def test_scale_modes(mode, factor, want):
+    config = OptimizerConfig(optimizer="dmuon", muon_scale_mode=mode,
+                             muon_extra_scale_factor=factor)
+    opts = mo.dmuon_options(config)
+    assert (opts["scale"], pytest.approx(opts["scale_factor"])) == want
+
+
+def test_dmuon_flags_override():
+    config = OptimizerConfig(optimizer="dmuon")
+    config.dmuon_scale, config.dmuon_ns_method = "original", "gram"
+    opts = mo.dmuon_options(config)
+    assert (opts["scale"], opts["scale_factor"], opts["ns_method"]) == ("original", 1.0, "gram")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("fp16", True, "use --bf16"),
+    ("optimizer_cpu_offload", True, "--optimizer-cpu-offload"),
+    ("muon_coefficient_type", "aol", "--muon-coefficient-type aol"),
+])
+def test_unsupported_settings_fail_before_building(field, value, words):
+    config = OptimizerConfig(optimizer="dmuon")
+    setattr(config, field, value)  # muon_coefficient_type is not a field of 0.16's config
+    with pytest.raises(ValueError, match=words):
+        mo.check_supported(config)
+        mo.dmuon_options(config)
+
+
+def test_argument_parser_gets_dmuon_and_its_flags():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "muon"])
+    mo.add_dmuon_arguments(parser)
+    args = parser.parse_args(["--optimizer", "dmuon", "--dmuon-ns-method", "gram"])
+    assert (args.optimizer, args.dmuon_ns_method, args.dmuon_plan) == ("dmuon", "gram", "lpt")
+    assert not any(a.dest.startswith("dist_") for a in parser._actions)

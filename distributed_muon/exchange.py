@@ -27,10 +27,11 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from distributed_muon.layout import Piece, ShardLayout
+from distributed_muon.layout import P_MATRIX, P_RANK, Piece, ShardLayout
 from distributed_muon.plan import OwnershipPlan
 
 
@@ -116,14 +117,18 @@ def _routings(layout: ShardLayout, plan: OwnershipPlan) -> tuple[_Routing, _Rout
 
     To owners, every holder of the matrix's source replica sends its pieces to the owner. To
     holders is the inverse of that, plus the pieces of the other replicas (DDP, HSDP), which
-    only receive the update: every holder of every replica gets its values back.
+    only receive the update: every holder of every replica gets its values back. Only the
+    pieces this rank holds or owns are looked at (`ShardLayout.pieces_where`).
     """
     me, world = layout.rank, layout.world_size
     source, other_replicas = _Routing.empty(world), _Routing.empty(world)
-    for mid, owner in enumerate(plan.owner):
-        for pc in layout.pieces[mid]:
-            table = source if pc.replica == plan.source[mid] else other_replicas
-            table.add(pc, sender=pc.rank, receiver=owner, me=me)
+    t = layout.table
+    owners = np.asarray(plan.owner, dtype=np.int64)
+    mine = (t[:, P_RANK] == me) | (owners[t[:, P_MATRIX]] == me)
+    for pc in layout.pieces_where(mine):
+        owner = plan.owner[pc.matrix]
+        table = source if pc.replica == plan.source[pc.matrix] else other_replicas
+        table.add(pc, sender=pc.rank, receiver=owner, me=me)
     return source, source.inverse() + other_replicas.inverse()
 
 

@@ -4,6 +4,10 @@ Longest-processing-time-first on the Newton-Schulz cost model, deterministic fro
 metadata alone, so every rank computes the same plan without communicating. A matrix that one
 rank holds whole, with no other replica (an expert whose shard holds it entirely), is pinned
 to that rank: it is orthogonalized where it lies and never crosses the network.
+
+The plan reads the layout's piece table (one integer row per piece) with vectorized
+operations, never one Python object per piece: at thousands of ranks a layout has millions of
+pieces. ``costs`` is a plain sequence (one number per matrix), so any cost model fits.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distributed_muon.layout import ShardLayout
+import numpy as np
+
+from distributed_muon.layout import P_MATRIX, P_RANK, P_REPLICA, P_START, P_STOP, ShardLayout
 from distributed_muon.orthogonalize import GRAM_RESTART, newton_schulz_flops
 
 
@@ -50,14 +56,12 @@ class OwnershipPlan:
         owner = [-1] * len(layout.matrices)
         load = [0.0] * world
         free = []
-        for mat in layout.matrices:
-            replicas = layout.replicas(mat.id)
-            holders = {pc.rank for pc in layout.pieces[mat.id]}
-            if len(replicas) == 1 and len(holders) == 1:
-                owner[mat.id] = holders.pop()
-                load[owner[mat.id]] += costs[mat.id]
+        for mid, holder in enumerate(pinned_holders(layout).tolist()):
+            if holder >= 0:
+                owner[mid] = holder
+                load[holder] += costs[mid]
             else:
-                free.append(mat.id)
+                free.append(mid)
         if strategy == "round_robin":
             for i, mid in enumerate(free):
                 owner[mid] = i % world
@@ -69,16 +73,15 @@ class OwnershipPlan:
                 rank_load, rank = heapq.heappop(heap)
                 owner[mid] = rank
                 heapq.heappush(heap, (rank_load + costs[mid], rank))
-        source = []
-        for mid, own in enumerate(owner):
-            # Take the pieces of the replica of which the owner already holds the most.
-            held: dict[int, int] = {}
-            for pc in layout.pieces[mid]:
-                held.setdefault(pc.replica, 0)
-                if pc.rank == own:
-                    held[pc.replica] += pc.size
-            source.append(min(held, key=lambda r: (-held[r], r)))
-        return cls(tuple(owner), tuple(source), tuple(float(c) for c in costs), world)
+        return cls.from_owners(layout, owner, costs)
+
+    @classmethod
+    def from_owners(
+        cls, layout: ShardLayout, owner: Sequence[int], costs: Sequence[float]
+    ) -> OwnershipPlan:
+        """A plan with the given owners (one rank per matrix); sources as `build` picks them."""
+        return cls(tuple(int(o) for o in owner), _sources(layout, owner),
+                   tuple(float(c) for c in costs), layout.world_size)
 
     def rank_costs(self) -> list[float]:
         load = [0.0] * self.world_size
@@ -94,25 +97,33 @@ class OwnershipPlan:
 
     def traffic(self, layout: ShardLayout, itemsize: int) -> tuple[list[int], list[int]]:
         """Bytes each rank sends and receives per step (both exchanges, self-copies excluded)."""
-        sent = [0] * self.world_size
-        recv = [0] * self.world_size
-        for mid, own in enumerate(self.owner):
-            for pc in layout.pieces[mid]:
-                if pc.rank == own:
-                    continue
-                nbytes = pc.size * itemsize
-                if pc.replica == self.source[mid]:  # to owners: source holder -> owner
-                    sent[pc.rank] += nbytes
-                    recv[own] += nbytes
-                sent[own] += nbytes  # to holders: owner -> every holder
-                recv[pc.rank] += nbytes
+        sent, recv = self.flows(layout)
+        return ((sent.sum(axis=1) * itemsize).tolist(), (recv.sum(axis=1) * itemsize).tolist())
+
+    def flows(self, layout: ShardLayout) -> tuple[np.ndarray, np.ndarray]:
+        """Values each rank sends and receives per step, ``[world, 2]`` each: column 0 to the
+        owners, column 1 to the holders (self-copies excluded)."""
+        t, world = layout.table, self.world_size
+        owner = np.asarray(self.owner, dtype=np.int64)[t[:, P_MATRIX]]
+        source = np.asarray(self.source, dtype=np.int64)[t[:, P_MATRIX]]
+        moved = t[:, P_RANK] != owner
+        size = (t[:, P_STOP] - t[:, P_START])[moved]
+        holder, owner = t[moved, P_RANK], owner[moved]
+        in_source = (t[moved, P_REPLICA] == source[moved])
+
+        def count(ranks, weights):
+            return np.bincount(ranks, weights=weights, minlength=world).astype(np.int64)
+
+        sent = np.stack([count(holder, size * in_source), count(owner, size)], axis=1)
+        recv = np.stack([count(owner, size * in_source), count(holder, size)], axis=1)
         return sent, recv
 
     def summary(self, layout: ShardLayout, itemsize: int = 2) -> str:
         """Per-rank planned NS GFLOP, matrices owned, and bytes sent/received per step."""
         load = self.rank_costs()
         sent, recv = self.traffic(layout, itemsize)
-        counts = [self.owner.count(r) for r in range(self.world_size)]
+        counts = np.bincount(np.asarray(self.owner, dtype=np.int64),
+                             minlength=self.world_size).tolist()
         lines = [f"{'rank':>4} {'matrices':>8} {'NS GFLOP':>10} {'sent MB':>9} {'recv MB':>9}"]
         for r in range(self.world_size):
             lines.append(
@@ -121,3 +132,37 @@ class OwnershipPlan:
             )
         lines.append(f"imbalance (max/mean NS cost): {self.imbalance():.3f}")
         return "\n".join(lines)
+
+
+def _segment_min_max(values: np.ndarray, ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-matrix min and max of a piece column (every matrix has a piece once validated)."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.minimum.reduceat(values, ptr[:-1]), np.maximum.reduceat(values, ptr[:-1])
+
+
+def pinned_holders(layout: ShardLayout) -> np.ndarray:
+    """Per matrix, the one rank that holds it whole with no other replica, else -1."""
+    t = layout.table
+    rank_lo, rank_hi = _segment_min_max(t[:, P_RANK], layout.ptr)
+    rep_lo, rep_hi = _segment_min_max(t[:, P_REPLICA], layout.ptr)
+    return np.where((rank_lo == rank_hi) & (rep_lo == rep_hi), rank_lo, -1)
+
+
+def _sources(layout: ShardLayout, owner: Sequence[int]) -> tuple[int, ...]:
+    """Per matrix, the replica of which the owner already holds the most values (ties to the
+    lowest replica id; the lowest replica when the owner holds nothing)."""
+    t = layout.table
+    if not len(t):
+        return ()
+    source, _ = _segment_min_max(t[:, P_REPLICA], layout.ptr)
+    own = np.asarray(owner, dtype=np.int64)
+    mine = t[t[:, P_RANK] == own[t[:, P_MATRIX]]]
+    if len(mine):
+        pairs, inverse = np.unique(mine[:, [P_MATRIX, P_REPLICA]], axis=0, return_inverse=True)
+        held = np.bincount(inverse.reshape(-1), weights=mine[:, P_STOP] - mine[:, P_START])
+        best = np.lexsort((pairs[:, 1], -held, pairs[:, 0]))  # per matrix: most held, lowest id
+        pairs = pairs[best]
+        first = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
+        source[pairs[first, 0]] = pairs[first, 1]
+    return tuple(source.tolist())

@@ -98,6 +98,12 @@ def _ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from distributed_muon.launch.plan import main
+
+    return main(args)
+
+
 def _version(args: argparse.Namespace) -> int:
     import torch
 
@@ -165,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("src", help="the DeepSpeed checkpoint tag folder (e.g. ckpt/global_step100)")
     ckpt.add_argument("dst", help="output folder (must not exist)")
     ckpt.set_defaults(func=_ckpt)
+    from distributed_muon.launch.plan import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser(
+        "plan", help="predict Muon's optimizer step on a cluster layout (no GPUs needed)",
+        description="Build the layout and ownership plan the engine would build for a model "
+        "on N GPUs, from metadata alone, and price the step on a hardware model.")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

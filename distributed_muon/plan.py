@@ -7,13 +7,14 @@ to that rank: it is orthogonalized where it lies and never crosses the network.
 
 The plan reads the layout's piece table (one integer row per piece) with vectorized
 operations, never one Python object per piece: at thousands of ranks a layout has millions of
-pieces. ``costs`` is a plain sequence (one number per matrix), so any cost model fits.
+pieces. ``costs`` is a plain sequence (one number per matrix) or a plain callable
+``cost(m, n, key)`` (`distributed_muon.cost`: FLOPs or measured seconds), so any cost model fits.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,12 @@ class OwnershipPlan:
 
     @classmethod
     def build(
-        cls, layout: ShardLayout, costs: Sequence[float], strategy: str = "lpt"
+        cls, layout: ShardLayout, costs: Sequence[float] | Callable[[int, int, Hashable], float],
+        strategy: str = "lpt",
     ) -> OwnershipPlan:
+        """``costs``: one number per matrix, or ``cost(m, n, key)`` of a layout matrix."""
+        if callable(costs):
+            costs = [float(costs(mat.m, mat.n, mat.key)) for mat in layout.matrices]
         if strategy not in STRATEGIES:
             raise ValueError(f"plan strategy {strategy!r} is not valid: use one of {STRATEGIES}")
         world = layout.world_size
@@ -118,16 +123,18 @@ class OwnershipPlan:
         recv = np.stack([count(owner, size * in_source), count(holder, size)], axis=1)
         return sent, recv
 
-    def summary(self, layout: ShardLayout, itemsize: int = 2) -> str:
-        """Per-rank planned NS GFLOP, matrices owned, and bytes sent/received per step."""
+    def summary(self, layout: ShardLayout, itemsize: int = 2,
+                unit: tuple[str, float] = ("NS GFLOP", 1e-9)) -> str:
+        """Per-rank planned NS cost (``unit``: column name and factor; ``("NS ms", 1e3)`` for a
+        cost in seconds), matrices owned, and bytes sent/received per step."""
         load = self.rank_costs()
         sent, recv = self.traffic(layout, itemsize)
         counts = np.bincount(np.asarray(self.owner, dtype=np.int64),
                              minlength=self.world_size).tolist()
-        lines = [f"{'rank':>4} {'matrices':>8} {'NS GFLOP':>10} {'sent MB':>9} {'recv MB':>9}"]
+        lines = [f"{'rank':>4} {'matrices':>8} {unit[0]:>10} {'sent MB':>9} {'recv MB':>9}"]
         for r in range(self.world_size):
             lines.append(
-                f"{r:>4} {counts[r]:>8} {load[r] / 1e9:>10.2f} "
+                f"{r:>4} {counts[r]:>8} {load[r] * unit[1]:>10.2f} "
                 f"{sent[r] / 1e6:>9.2f} {recv[r] / 1e6:>9.2f}"
             )
         lines.append(f"imbalance (max/mean NS cost): {self.imbalance():.3f}")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
 from distributed_muon.exchange import Exchange
 from distributed_muon.layout import ShardLayout
 from distributed_muon.options import (
@@ -67,7 +68,8 @@ MISNAMED_OPTIONS = {
     "adam_betas": "adamw_betas",
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
-OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding")
+OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding",
+                  "diagnostics_every")
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -88,7 +90,6 @@ NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_d
 # Options fixed at construction: they decide the layout (which parameters are matrices and
 # how they are cut) or the batching. A checkpoint must agree on them to load.
 STRUCTURAL_OPTIONS = (*NS_OPTION_KEYS.values(), "use_muon", "row_blocks", "matrix_view")
-PHASES = ("momentum", "to_owners", "ns", "to_holders", "update")
 
 
 class DistributedMuon(Optimizer):
@@ -113,6 +114,9 @@ class DistributedMuon(Optimizer):
     owner strategy ("lpt" or "round_robin"). ``qk_clip_tau`` (None: off) turns on QK-clip
     for the attention layers given to `register_qk` (see `distributed_muon.qk_clip` and
     docs/muonclip.md); ``qk_clip`` then tells what the last step clipped.
+    ``diagnostics_every=k`` (0: off) measures every matrix on its owner every ``k`` steps and
+    the ranks' phase times and bytes; `diagnostics` returns the last measurement (see
+    `distributed_muon.diagnostics` and docs/diagnostics.md).
 
     A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
     untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
@@ -144,6 +148,7 @@ class DistributedMuon(Optimizer):
         sharding: Sharding | None = None,
         plan: str = "lpt",
         qk_clip_tau: float | None = None,
+        diagnostics_every: int = 0,
         **unknown: Any,
     ) -> None:
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
@@ -164,7 +169,14 @@ class DistributedMuon(Optimizer):
         self.profile = False  # when True, `phase_seconds` gets the time of each phase
         self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.qk_clip = QKClip(qk_clip_tau) if qk_clip_tau is not None else None
+        if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
+            raise ValueError(f"diagnostics_every={diagnostics_every!r} is not valid: an integer "
+                             ">= 0 (0: off)")
         self._setup(plan)
+        self._steps = 0  # step() calls, skipped ones included (alike on every rank)
+        self._diagnostics = Diagnostics(
+            diagnostics_every, self.layout, matrix_labels(self.layout, self._muon_labels),
+            self.sharding.group, self.exchange.local.device) if diagnostics_every else None
         self._built = True
 
     # ---------------------------------------------------------------- setup
@@ -190,6 +202,7 @@ class DistributedMuon(Optimizer):
         specs: list[MatrixSpec] = []
         keys: list[Hashable] = []
         self._muon_group_of: list[int] = []
+        self._muon_labels: list[str] = []
         self._adamw: list[tuple[int, torch.Tensor]] = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
@@ -205,6 +218,7 @@ class DistributedMuon(Optimizer):
                     keys.append(ns_options(group))
                     muon.append(p)
                     self._muon_group_of.append(gi)
+                    self._muon_labels.append(label)
                 else:
                     self._adamw.append((gi, p))
         self._muon = muon
@@ -255,6 +269,11 @@ class DistributedMuon(Optimizer):
         """The parameters Muon updates, in layout order (``layout.specs[i]`` is the i-th's)."""
         return tuple(self._muon)
 
+    def diagnostics(self) -> dict[str, float]:
+        """The scalars of the last logging step (``diagnostics_every``), the same on every rank;
+        {} before the first or when off. Keys are listed in `diagnostics.summarize`."""
+        return dict(self._diagnostics.last) if self._diagnostics is not None else {}
+
     def plan_summary(self) -> str:
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
         return self.plan.summary(self.layout, self.comm_dtype.itemsize)
@@ -274,6 +293,9 @@ class DistributedMuon(Optimizer):
                     "construction: these decide the batching plan; build a new optimizer to "
                     "change them"
                 )
+        self._steps += 1
+        diag = self._diagnostics if self._diagnostics and self._diagnostics.due(self._steps) \
+            else None
         grads = [self.sharding.local_grad(p) for p in self._muon]
         adamw_grads = [self.sharding.local_grad(p) for _, p in self._adamw]
         self.last_step_skipped = not self._all_finite(grads + adamw_grads)
@@ -284,14 +306,21 @@ class DistributedMuon(Optimizer):
             if self.qk_clip is not None:
                 self.qk_clip.discard()
             return loss
-        clock = _PhaseClock(self.profile, self.phase_seconds, self.exchange.local.device)
+        seconds = dict.fromkeys(PHASES, 0.0)
+        clock = _PhaseClock(self.profile or diag is not None, seconds, self.exchange.local.device)
+        if diag is not None:
+            diag.begin()
         self._momentum(grads)
         clock.tick("momentum")
         self.exchange.to_owners()
         clock.tick("to_owners")
         for batch in self.exchange.batches:
             scale = shape_scale(batch.options.scale, batch.m, batch.n)
-            batch.view.copy_(orthogonalize(batch.view, batch.options).mul_(scale))
+            ortho = orthogonalize(batch.view, batch.options)
+            if diag is not None:  # u is still in batch.view
+                diag.record_batch(batch.matrices, batch.view, ortho, [
+                    self._group_of_matrix(mid)["lr"] * scale for mid in batch.matrices])
+            batch.view.copy_(ortho.mul_(scale))
             self.ns_matrices += len(batch.matrices)
         clock.tick("ns")
         self.exchange.to_holders()
@@ -303,7 +332,17 @@ class DistributedMuon(Optimizer):
                                                         self.exchange.local.device):
                 scale_rows(self.sharding, weight, row_factor)
         clock.tick("update")
+        if self.profile:
+            for phase, t in seconds.items():
+                self.phase_seconds[phase] += t
+        if diag is not None:
+            diag.record_rank(seconds, sum(len(b.matrices) for b in self.exchange.batches),
+                             self.exchange.bytes_per_step, self.skipped_steps)
+            diag.finish(self._steps)
         return loss
+
+    def _group_of_matrix(self, matrix: int) -> dict[str, Any]:
+        return self.param_groups[self._muon_group_of[self.layout.matrices[matrix].param]]
 
     def _all_finite(self, grads: list[torch.Tensor | None]) -> bool:
         present = [g for g in grads if g is not None and g.numel() > 0]

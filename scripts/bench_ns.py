@@ -7,6 +7,8 @@ Usage:
     python scripts/bench_ns.py --dtypes bf16 --methods standard,gram,deepspeed --peak --json ns.json
     # the symmetric-product kernel against torch's matmul, per product and size
     python scripts/bench_ns.py --products --json products.json
+    # the NS cost table the ownership plan can use (dmuon bench --ns-cost ns_cost.json)
+    python scripts/bench_ns.py --cost-table ns_cost.json --dtypes bf16
     # quick end-to-end check on a CPU
     python scripts/bench_ns.py --device cpu --shapes 128x512 --iters 2
     # accuracy table of docs/muon.md (CPU, ~4 min on 2 cores)
@@ -30,6 +32,10 @@ ms, TFLOP/s counted as the full product (``2 M^2 K``, ``2 M^3``: comparable betw
 speedup, and the smallest ``M`` from which the kernel wins both products for every larger ``M``
 measured: the value for ``SYMMETRIC_MIN_SIZE`` in `distributed_muon.orthogonalize`.
 
+Cost table (``--cost-table PATH``): seconds per matrix of `orthogonalize` for each shape (default
+those of ``dmuon bench`` and the MoE experts), dtype and method, timed on batches of
+``--batch`` matrices, written as a `distributed_muon.cost.CostTable`.
+
 Accuracy (``--accuracy``): per shape, input and schedule, the relative Frobenius error of the
 result against the float64 SVD polar factor ``U V^T`` (``err UV``) and against the float64
 standard iteration of the same schedule (``err NS``: the map both methods compute, so this is
@@ -42,16 +48,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
+from distributed_muon.cost import CostTable, measure, time_call
 from distributed_muon.options import parse_dtype
 from distributed_muon.orthogonalize import (
     GRAM_RESTART,
+    NSOptions,
     gram_is_cheaper,
     newton_schulz_flops,
     orthogonalize,
@@ -60,6 +66,8 @@ from distributed_muon.orthogonalize import (
 
 DEFAULT_SHAPES = "1024x1024,1024x4096,4096x1024,2048x8192,1408x2048,2048x7168"
 ACCURACY_SHAPES = "256x256,256x512,256x1024,128x1024"
+# --cost-table: the matrices of dmuon bench's model and the MoE expert shapes.
+COST_SHAPES = "6144x2048,2048x2048,8192x2048,2048x8192,1408x2048,2048x7168"
 # --products: output sizes M from small to large at the aspect ratios NS meets (K = M, 4M).
 PRODUCT_SHAPES = ("256x1024,512x512,512x2048,1024x1024,1024x4096,1408x1408,1408x2048,"
                   "2048x2048,2048x7168,2048x8192,4096x4096,4096x16384,8192x8192")
@@ -72,28 +80,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) < 1:
         raise argparse.ArgumentTypeError(f"shape {text!r}: use MxN or BxMxN")
     return dims[0], dims[1], dims[2]
-
-
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()``, with the device synchronized around every call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    cuda = device.type == "cuda"
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def path_of(method: str, m: int, n: int, steps: int, restart: int) -> str:
@@ -223,6 +209,19 @@ def run_products(args: argparse.Namespace, device: torch.device) -> tuple[list[d
     return rows, threshold
 
 
+def write_cost_table(args: argparse.Namespace, device: torch.device) -> CostTable:
+    if any(b != 1 for b, _, _ in args.shapes) or "deepspeed" in args.methods:
+        raise SystemExit("--cost-table: shapes are MxN and methods standard/gram")
+    options = [NSOptions(schedule=args.schedules[0], steps=args.steps, dtype=dtype, eps=1e-7,
+                         scale="none", method=method, restart=args.restart)
+               for dtype in args.dtypes for method in args.methods]
+    table = measure([(m, n) for _, m, n in args.shapes], options, device, batch=args.batch,
+                    warmup=args.warmup, iters=args.iters, progress=print)
+    table.save(args.cost_table)
+    print(f"# wrote {args.cost_table} ({len(table.seconds)} entries, {table.device})")
+    return table
+
+
 def matmul_peak(device: torch.device) -> float:
     """TFLOP/s of one bf16 ``n x n x n`` matmul (8192 on a GPU, 1024 on a CPU)."""
     n = 8192 if device.type == "cuda" else 1024
@@ -298,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="time the symmetric-product kernel against torch per product and size "
                         f"(default shapes {PRODUCT_SHAPES})")
     p.add_argument("--peak", action="store_true", help="also measure the bf16 matmul peak")
+    p.add_argument("--cost-table", default=None, metavar="PATH",
+                   help="measure the per-shape NS cost table for the plan and write it here "
+                        f"(default shapes {COST_SHAPES})")
+    p.add_argument("--batch", type=int, default=4,
+                   help="--cost-table: matrices per timed call (the seconds are per matrix)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--restart", type=int, default=GRAM_RESTART,
                    help="Gram: restart from X every this many steps (0: never)")
@@ -309,10 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.accuracy and args.products:
-        p.error("--accuracy and --products measure different things: choose one")
-    default_shapes = (ACCURACY_SHAPES if args.accuracy
-                      else PRODUCT_SHAPES if args.products else DEFAULT_SHAPES)
+    if args.accuracy + args.products + (args.cost_table is not None) > 1:
+        p.error("--accuracy, --products and --cost-table measure different things: choose one")
+    default_shapes = (ACCURACY_SHAPES if args.accuracy else PRODUCT_SHAPES if args.products
+                      else COST_SHAPES if args.cost_table else DEFAULT_SHAPES)
     args.shapes = [parse_shape(s) for s in (args.shapes or default_shapes).split(",")]
     args.dtypes = [parse_dtype(d, "--dtypes") for d in
                    (args.dtypes or ("bf16" if args.products else "bf16,fp32")).split(",")]
@@ -336,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     extra: dict = {}
     if args.peak:
         extra["bf16_matmul_peak_tflops"] = matmul_peak(device)
+    if args.cost_table:
+        write_cost_table(args, device)
+        return
     if args.accuracy:
         rows = run_accuracy(args, device)
     elif args.products:

@@ -1,0 +1,155 @@
+"""NS cost models for the ownership plan: FLOPs and measured per-shape tables (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+import distributed_muon.cost as cost_module
+from distributed_muon.cost import CostTable, cost_key, flop_cost, matrix_costs, measure
+from distributed_muon.layout import Region, ShardLayout
+from distributed_muon.orthogonalize import NSOptions, newton_schulz_flops
+from distributed_muon.params import MatrixSpec
+from distributed_muon.plan import OwnershipPlan
+
+BF16 = NSOptions(schedule="jordan", steps=5, dtype=torch.bfloat16, eps=1e-7, scale="none")
+GRAM = NSOptions(schedule="jordan", steps=5, dtype=torch.bfloat16, eps=1e-7, scale="none",
+                 method="gram")
+D = 2048
+
+
+def replicated(shapes, world, options=BF16):
+    """Every rank holds every matrix whole, as its own replica (DDP): nothing is pinned."""
+    specs = [MatrixSpec.of(s) for s in shapes]
+    regions = [[[Region.flat(rank=r, replica=r, spec=sp, start=0,
+                             stop=sp.experts * sp.rows * sp.cols)] for sp in specs]
+               for r in range(world)]
+    return ShardLayout(specs, [options] * len(specs), regions, world, 0)
+
+
+def table_at(rates: dict, options=BF16) -> CostTable:
+    """A table whose shapes run at the given FLOP rates (FLOP/s)."""
+    return CostTable("test-gpu", {cost_key(m, n, options): flop_cost(m, n, options) / r
+                                  for (m, n), r in rates.items()})
+
+
+def test_flop_cost_is_the_path_taken():
+    assert flop_cost(D, 4 * D, BF16) == newton_schulz_flops(D, 4 * D, 5)
+    assert flop_cost(D, 4 * D, GRAM) == newton_schulz_flops(D, 4 * D, 5, "gram")
+    assert flop_cost(D, D, GRAM) == flop_cost(D, D, BF16)  # Gram falls back on squares
+
+
+def test_keys_follow_what_decides_the_speed():
+    assert cost_key(4 * D, D, BF16) == cost_key(D, 4 * D, BF16) == (D, 4 * D, "standard", 5, 0,
+                                                                      "bfloat16")
+    assert cost_key(D, 4 * D, GRAM) == (D, 4 * D, "gram", 5, 2, "bfloat16")
+    # A Gram group on a near-square shape runs (and is priced as) the standard iteration.
+    assert cost_key(1408, 2048, GRAM) == cost_key(1408, 2048, BF16)
+    # The schedule and eps do not change the speed.
+    other = NSOptions(schedule="polar_express", steps=5, dtype=torch.bfloat16, eps=1e-6,
+                      scale="spectral")
+    assert cost_key(D, D, other) == cost_key(D, D, BF16)
+
+
+def test_table_prices_measured_and_nearby_shapes():
+    table = table_at({(D, D): 400e12, (D, 4 * D): 500e12})
+    assert table(D, D, BF16) == pytest.approx(flop_cost(D, D, BF16) / 400e12)
+    assert table(4 * D, D, BF16) == pytest.approx(flop_cost(D, 4 * D, BF16) / 500e12)
+    # Unmeasured: its FLOPs at the rate of the nearest measured shape.
+    assert table(D, 3 * D, BF16) == pytest.approx(flop_cost(D, 3 * D, BF16) / 500e12)
+    assert table(1800, 1800, BF16) == pytest.approx(flop_cost(1800, 1800, BF16) / 400e12)
+    with pytest.raises(KeyError, match="no gram entry with 5 steps in bfloat16"):
+        table(D, 4 * D, GRAM)
+    with pytest.raises(TypeError, match="NSOptions"):
+        table(D, D, "k")
+
+
+def test_table_round_trips_through_json(tmp_path):
+    table = table_at({(D, D): 400e12, (D, 4 * D): 500e12})
+    table.save(tmp_path / "t.json")
+    again = CostTable.load(tmp_path / "t.json")
+    assert again == table
+    (tmp_path / "bad.json").write_text(json.dumps({"device": "x"}))
+    with pytest.raises(ValueError, match="not a readable NS cost table"):
+        CostTable.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="not a readable NS cost table"):
+        CostTable.load(tmp_path / "missing.json")
+
+
+def test_measure_and_cache_on_cpu(tmp_path, monkeypatch):
+    fp32 = NSOptions(schedule="jordan", steps=2, dtype=torch.float32, eps=1e-7, scale="none")
+    gram = NSOptions(schedule="jordan", steps=2, dtype=torch.float32, eps=1e-7, scale="none",
+                     method="gram", restart=1)  # restart every step: the standard path
+    table = measure([(8, 32), (32, 8)], [fp32, gram], "cpu", batch=2, warmup=0, iters=1)
+    assert list(table.seconds) == [(8, 32, "standard", 2, 0, "float32")]  # one shared path
+    assert table.device == "cpu" and table.batch == 2 and table(32, 8, fp32) > 0
+    calls = []
+    real = cost_module.measure
+    monkeypatch.setattr(cost_module, "measure",
+                        lambda shapes, *a, **k: calls.append(shapes) or real(shapes, *a, **k))
+    path = tmp_path / "cache.json"
+    first = CostTable.cached([(8, 32), (16, 16)], [fp32], "cpu", path, warmup=0, iters=1)
+    assert calls == [[(8, 32), (16, 16)]] and path.exists()
+    again = CostTable.cached([(32, 8), (16, 16)], [fp32], "cpu", path)
+    assert calls == [[(8, 32), (16, 16)]] and again == first  # all cached: nothing measured
+    CostTable.cached([(16, 16), (4, 4)], [fp32], "cpu", path, warmup=0, iters=1)
+    assert calls[-1] == [(4, 4)] and len(CostTable.load(path).seconds) == 3
+    # Another device's table is not used.
+    CostTable("H200", dict(CostTable.load(path).seconds)).save(path)
+    CostTable.cached([(4, 4)], [fp32], "cpu", path, warmup=0, iters=1)
+    assert calls[-1] == [(4, 4)] and CostTable.load(path).device == "cpu"
+
+
+def _measured_imbalance(plan: OwnershipPlan, layout: ShardLayout, table: CostTable) -> float:
+    load = [0.0] * layout.world_size
+    for mat, owner in zip(layout.matrices, plan.owner):
+        load[owner] += table(mat.m, mat.n, mat.key)
+    return max(load) / (sum(load) / len(load))
+
+
+@pytest.mark.parametrize("world", [3, 8])
+def test_plan_on_the_table_balances_measured_time(world):
+    # Dense qkv and proj with MoE experts (1408x2048, both orientations); the experts run at a
+    # lower TFLOP/s than their FLOPs say. Planned on FLOPs, ranks that got more experts take
+    # longer; planned on the table, the plan's own imbalance is the time imbalance.
+    shapes = [(3 * D, D), (D, D), (1408, 2048), (1408, 2048), (2048, 1408), (2048, 1408)] * 4
+    layout = replicated(shapes, world)
+    table = table_at({(D, D): 450e12, (D, 3 * D): 520e12, (1408, 2048): 300e12})
+    by_flops = OwnershipPlan.build(layout, flop_cost)
+    assert by_flops.cost == OwnershipPlan.build(
+        layout, [flop_cost(m.m, m.n, m.key) for m in layout.matrices]).cost
+    by_time = OwnershipPlan.build(layout, table)
+    assert by_time.cost == tuple(table(m.m, m.n, m.key) for m in layout.matrices)
+    timed_flops = _measured_imbalance(by_flops, layout, table)
+    timed_table = _measured_imbalance(by_time, layout, table)
+    assert timed_table == pytest.approx(by_time.imbalance())
+    assert timed_table <= timed_flops
+    if world == 8:  # 1.27 on FLOPs, 1.05 on the table
+        assert timed_flops > 1.2 and timed_table < 1.06, (timed_flops, timed_table)
+    assert "NS ms" in by_time.summary(layout, unit=("NS ms", 1e3))
+
+
+def test_matrix_costs_without_a_group():
+    layout = replicated([(D, D), (D, 4 * D)], 1)
+    table = table_at({(D, D): 400e12, (D, 4 * D): 500e12})
+    assert matrix_costs(layout.matrices, table) == [table(D, D, BF16), table(D, 4 * D, BF16)]
+    assert matrix_costs(layout.matrices, flop_cost) == [flop_cost(D, D, BF16),
+                                                         flop_cost(D, 4 * D, BF16)]
+
+
+def _costs_on_rank(rank, world):
+    import torch.distributed as dist
+
+    layout = replicated([(D, D), (D, 4 * D)], world)
+    # Each rank measured its own table (say, its own cache file): rank 0's costs win.
+    table = table_at({(D, D): 400e12 + rank * 1e12, (D, 4 * D): 500e12})
+    return matrix_costs(layout.matrices, table, dist.group.WORLD)
+
+
+def test_matrix_costs_agree_across_ranks():
+    costs = run_ranks(3, _costs_on_rank)
+    assert costs[0] == costs[1] == costs[2] == [flop_cost(D, D, BF16) / 400e12,
+                                                flop_cost(D, 4 * D, BF16) / 500e12]

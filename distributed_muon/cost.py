@@ -211,3 +211,26 @@ def matrix_costs(
     values = torch.tensor(costs, dtype=torch.float64, device=device)
     dist.broadcast(values, src=dist.get_global_rank(group, 0), group=group)
     return values.tolist()
+
+
+def resolve_ns_cost(ns_cost: NSCost | str | os.PathLike | None) -> NSCost:
+    """The ``ns_cost`` option: None (`flop_cost`), the path of a saved `CostTable`, or any
+    `NSCost` callable."""
+    if ns_cost is None:
+        return flop_cost
+    if isinstance(ns_cost, str | os.PathLike):
+        return CostTable.load(ns_cost)
+    if callable(ns_cost):
+        return ns_cost
+    raise ValueError(f"ns_cost={ns_cost!r} is not valid: use None (FLOPs), the path of an NS "
+                     "cost table (scripts/bench_ns.py --cost-table) or a callable cost(m, n, "
+                     "options)")
+
+
+def cost_unit(cost: NSCost) -> tuple[str, float]:
+    """Column name and factor for per-rank sums of ``cost`` (`OwnershipPlan.summary`)."""
+    if cost is flop_cost:
+        return ("NS GFLOP", 1e-9)
+    if isinstance(cost, CostTable):
+        return ("NS ms", 1e3)
+    return ("NS cost", 1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
 from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
 from distributed_muon.exchange import Exchange
 from distributed_muon.layout import ShardLayout
@@ -31,7 +33,7 @@ from distributed_muon.options import (
 )
 from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
-from distributed_muon.plan import OwnershipPlan, ns_flops
+from distributed_muon.plan import OwnershipPlan
 from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
 from distributed_muon.scale import SCALE_MODES, shape_scale
 from distributed_muon.sharding import Sharding, infer_sharding
@@ -69,7 +71,7 @@ MISNAMED_OPTIONS = {
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
 OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding",
-                  "diagnostics_every")
+                  "diagnostics_every", "ns_cost")
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -117,6 +119,9 @@ class DistributedMuon(Optimizer):
     ``diagnostics_every=k`` (0: off) measures every matrix on its owner every ``k`` steps and
     the ranks' phase times and bytes; `diagnostics` returns the last measurement (see
     `distributed_muon.diagnostics` and docs/diagnostics.md).
+    ``ns_cost`` is what the plan balances: None for NS FLOPs, the path of a measured NS cost
+    table (`distributed_muon.cost.CostTable`, seconds per shape) or a callable
+    ``cost(m, n, options)``; rank 0's costs are used on every rank.
 
     A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
     untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
@@ -149,6 +154,7 @@ class DistributedMuon(Optimizer):
         plan: str = "lpt",
         qk_clip_tau: float | None = None,
         diagnostics_every: int = 0,
+        ns_cost: NSCost | str | os.PathLike | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
@@ -172,6 +178,7 @@ class DistributedMuon(Optimizer):
         if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
             raise ValueError(f"diagnostics_every={diagnostics_every!r} is not valid: an integer "
                              ">= 0 (0: off)")
+        self._ns_cost = resolve_ns_cost(ns_cost)
         self._setup(plan)
         self._steps = 0  # step() calls, skipped ones included (alike on every rank)
         self._diagnostics = Diagnostics(
@@ -236,8 +243,7 @@ class DistributedMuon(Optimizer):
             local_dtype = torch.promote_types(local_dtype, t.dtype)
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
-        costs = [ns_flops(m.m, m.n, m.key.steps, m.key.method, m.key.restart)
-                 for m in self.layout.matrices]
+        costs = matrix_costs(self.layout.matrices, self._ns_cost, self.sharding.group, device)
         self.plan = OwnershipPlan.build(self.layout, costs, strategy)
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
@@ -276,7 +282,8 @@ class DistributedMuon(Optimizer):
 
     def plan_summary(self) -> str:
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
-        return self.plan.summary(self.layout, self.comm_dtype.itemsize)
+        return self.plan.summary(self.layout, self.comm_dtype.itemsize,
+                                 cost_unit(self._ns_cost))
 
     # ---------------------------------------------------------------- step
 

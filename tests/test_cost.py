@@ -153,3 +153,27 @@ def test_matrix_costs_agree_across_ranks():
     costs = run_ranks(3, _costs_on_rank)
     assert costs[0] == costs[1] == costs[2] == [flop_cost(D, D, BF16) / 400e12,
                                                 flop_cost(D, 4 * D, BF16) / 500e12]
+
+
+def test_optimizer_plans_on_a_table(tmp_path):
+    from distributed_muon import DistributedMuon
+
+    table = table_at({(8, 32): 1e9, (16, 16): 1e8}, NSOptions(
+        schedule="jordan", steps=5, dtype=torch.float32, eps=1e-7, scale="match_rms_adamw"))
+    table.save(tmp_path / "t.json")
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 32), (16, 16), (32, 8)]]
+    opt = DistributedMuon(params, ns_dtype="fp32", ns_cost=tmp_path / "t.json")
+    assert opt.plan.cost == (table(8, 32, opt.layout.matrices[0].key),
+                             table(16, 16, opt.layout.matrices[1].key),
+                             table(32, 8, opt.layout.matrices[2].key))
+    assert "NS ms" in opt.plan_summary()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    flops = DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_dtype="fp32")
+    assert flops.plan.cost == (flop_cost(8, 32, flops.layout.matrices[0].key),)
+    assert "NS GFLOP" in flops.plan_summary()
+    with pytest.raises(ValueError, match="ns_cost=3 is not valid"):
+        DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_cost=3)
+    with pytest.raises(ValueError, match="not a readable NS cost table"):
+        DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_cost=tmp_path / "no.json")

@@ -27,6 +27,7 @@ from distributed_muon.launch.local import (
     spawn,
 )
 
+from distributed_muon.cost import CostTable, flop_cost
 from distributed_muon.optimizer import PHASES, DistributedMuon
 from distributed_muon.orthogonalize import NS_METHODS
 from distributed_muon.plan import STRATEGIES
@@ -57,6 +58,9 @@ class BenchConfig:
     ns_method: str = option("standard", "Newton-Schulz method", choices=NS_METHODS)
     comm_dtype: str = option("bf16", "exchange dtype")
     plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
+    ns_cost: str | None = option(
+        None, "plan on this measured NS cost table (written by scripts/bench_ns.py "
+        "--cost-table) instead of NS FLOPs")
     json: str | None = option(None, "also write the results as JSON to this file")
 
     def resolved(self) -> BenchConfig:
@@ -73,6 +77,8 @@ class BenchConfig:
         parse_shapes(shapes)
         layers = self.layers or (DEFAULT_LAYERS if cuda else CPU_LAYERS)
         ns_dtype = self.ns_dtype or ("bf16" if cuda else "fp32")
+        if self.ns_cost is not None:
+            CostTable.load(self.ns_cost)  # a bad file is one line here, not a rank's traceback
         return replace(self, shapes=shapes, layers=layers, ns_dtype=ns_dtype)
 
 
@@ -137,7 +143,7 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     for shape in shapes:
         params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
     opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
-                          comm_dtype=cfg.comm_dtype, plan=cfg.plan)
+                          comm_dtype=cfg.comm_dtype, plan=cfg.plan, ns_cost=cfg.ns_cost)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
     peak = matmul_tflops(device)
@@ -153,7 +159,9 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
         if rank == 0:
             _progress(step + 1, cfg.warmup + cfg.steps)
     median = {ph: statistics.median(s[ph] for s in per_step) for ph in PHASES}
-    owned = sum(opt.plan.cost[i] for i, o in enumerate(opt.plan.owner) if o == rank)
+    # NS FLOPs whatever the plan balanced (FLOPs or, with --ns-cost, measured seconds).
+    owned = sum(flop_cost(m.m, m.n, m.key) for m, o in zip(opt.layout.matrices, opt.plan.owner,
+                                                            strict=True) if o == rank)
     sent, recv = opt.exchange.bytes_per_step
     mine = {"rank": rank, "median_s": median, "ns_flops": owned, "sent": sent, "recv": recv}
     everyone: list = [None] * world

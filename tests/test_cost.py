@@ -177,3 +177,29 @@ def test_optimizer_plans_on_a_table(tmp_path):
         DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_cost=3)
     with pytest.raises(ValueError, match="not a readable NS cost table"):
         DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_cost=tmp_path / "no.json")
+
+
+def test_bench_plans_on_a_table(tmp_path):
+    import subprocess
+    import sys
+
+    fp32 = NSOptions(schedule="jordan", steps=5, dtype=torch.float32, eps=1e-7, scale="none")
+    # 64x160 "runs" 10x slower per FLOP than 96x64: the plan sees it, the FLOP report does not.
+    table_at({(64, 96): 1e9, (64, 160): 1e8}, fp32).save(tmp_path / "t.json")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "bench", "--shapes",
+           "96x64,64x160", "--layers", "3", "--nproc", "2", "--steps", "1", "--warmup", "0",
+           "--ns-dtype", "fp32", "--device", "cpu", "--ns-cost", str(tmp_path / "t.json"),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    flops = sum(r["ns_flops"] for r in report["ranks"])
+    assert flops == 3 * (flop_cost(96, 64, fp32) + flop_cost(64, 160, fp32))
+    # Seconds: 3 x 64x160 dominate, so LPT puts two on one rank and one plus 3 x 96x64 on the other.
+    slow, fast = flop_cost(64, 160, fp32) / 1e8, flop_cost(96, 64, fp32) / 1e9
+    planned = 2 * slow / ((3 * slow + 3 * fast) / 2)
+    assert report["planned_imbalance"] == pytest.approx(planned)
+    bad = subprocess.run(cmd[:-4] + ["--ns-cost", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a readable NS cost table" in bad.stderr

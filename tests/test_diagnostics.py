@@ -214,3 +214,108 @@ def test_one_small_collective_on_logging_steps_only():
             continue  # a mean over other samples (batches differ per owner)
         assert diag[key] == pytest.approx(value, rel=1e-5), key
     assert diag["bytes_sent"] > 0 and diag["ns_imbalance"] >= 1.0
+
+
+# ---------------------------------------------------------------- gradient noise scale
+
+M, N, SIGMA, LOCAL = 16, 8, 2.0, 4  # per-sample gradient of w: G + SIGMA z; of v: 3G + SIGMA/2 z
+
+
+def test_two_batch_estimator_recovers_a_known_noise_scale():
+    from distributed_muon.noise_scale import NoiseScale, two_batch_estimates
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(M, N, generator=gen)
+    true = M * N * SIGMA**2 / float(G.norm() ** 2)
+    ranks, scale = 4, NoiseScale(["w"], beta=0.98)
+    for _ in range(400):
+        local = G + SIGMA * torch.randn(ranks, LOCAL, M, N, generator=gen).mean(1)
+        small = local.pow(2).sum((1, 2)).mean()
+        big = local.mean(0).pow(2).sum()
+        out = scale.update(small[None], big[None], LOCAL, LOCAL * ranks)
+    assert out["w/b_simple"] == pytest.approx(true, rel=0.1)
+    assert out["w/trace_cov"] == pytest.approx(M * N * SIGMA**2, rel=0.1)
+    with pytest.raises(ValueError, match="small < big"):
+        two_batch_estimates(torch.ones(1), torch.ones(1), 4, 4)
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(M, N))
+
+    def forward(self, a):
+        return (self.w * a).sum((1, 2)).mean()
+
+
+class _Linear(torch.nn.Module):
+    """Loss per sample ``<w, a_i> + <v, b_i>``: its gradient is ``(a_i, b_i)``, whose mean
+    and covariance the test chooses."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Inner()
+        self.v = torch.nn.Parameter(torch.zeros(M, N))
+
+    def forward(self, a, b):
+        return self.inner(a) + (self.v * b).sum((1, 2)).mean()
+
+
+def _noise_ranks(rank, world):
+    from distributed_muon.launch.grad_noise import (
+        MODEL,
+        NoiseProbe,
+        add_averaged_grads,
+        fsdp2_module_keys,
+        hook_fsdp2_reduce_scatter,
+        hook_local_gradients,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    G = torch.randn(M, N, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("ddp", "fsdp2"):
+        torch.manual_seed(100 + rank)  # each rank its own samples
+        model = _Linear()
+        if backend == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            key_of = {"inner.w": "inner.w", "v": "v"}
+        else:
+            fully_shard(model.inner)
+            fully_shard(model)
+            wrapped, key_of = model, fsdp2_module_keys(model)
+        keys = sorted(set(key_of.values())) + [MODEL]
+        probe = NoiseProbe(keys, LOCAL, LOCAL * world, 1, torch.device("cpu"), beta=0.95)
+        if backend == "ddp":
+            hook_local_gradients(probe, model.named_parameters(), key_of)
+        else:
+            hook_fsdp2_reduce_scatter(probe, model)
+        out = {}
+        for step in range(1, 151):
+            probe.begin(step)
+            a = G + SIGMA * torch.randn(LOCAL, M, N)
+            b = 3 * G + SIGMA / 2 * torch.randn(LOCAL, M, N)
+            wrapped(a, b).backward()
+            if probe.active:
+                add_averaged_grads(probe, model.named_parameters(), key_of)
+                out = probe.finish(averaged_is_sharded=backend == "fsdp2")
+            for p in model.parameters():
+                p.grad = None
+        results[backend] = out
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_noise_scale_from_ranks_ddp_and_fsdp2(world):
+    """Local gradients from DDP's parameter hooks and FSDP2's reduce-scatter input recover
+    the known B_simple within 15% (150 steps, EMA 0.95)."""
+    G = torch.randn(M, N, generator=torch.Generator().manual_seed(0))
+    w_true = M * N * SIGMA**2 / float(G.norm() ** 2)
+    v_true = M * N * (SIGMA / 2) ** 2 / float((3 * G).norm() ** 2)
+    model_true = M * N * (SIGMA**2 + SIGMA**2 / 4) / float(10 * G.norm() ** 2)
+    out = run_ranks(world, _noise_ranks)[0]
+    for backend, w_key, v_key in (("ddp", "inner.w", "v"), ("fsdp2", "inner", "root")):
+        got = out[backend]
+        assert got[f"noise/{w_key}/b_simple"] == pytest.approx(w_true, rel=0.15), backend
+        assert got[f"noise/{v_key}/b_simple"] == pytest.approx(v_true, rel=0.15), backend
+        assert got["noise/model/b_simple"] == pytest.approx(model_true, rel=0.15), backend

@@ -8,6 +8,7 @@ from distributed_muon.orthogonalize import (
     NSOptions,
     gram_is_cheaper,
     newton_schulz_flops,
+    resolve_schedule,
 )
 from distributed_muon.plan import ns_flops
 
@@ -246,3 +247,105 @@ def test_distributed_muon_gram_matches_standard():
         gen.manual_seed(0)
     for std, gram in zip(results["standard"], results["gram"], strict=True):
         torch.testing.assert_close(gram, std, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------- Gram NS against the SVD and an independent implementation
+
+
+def scalar_map(schedule: str, steps: int, s: torch.Tensor) -> torch.Tensor:
+    """The schedule's polynomial applied to singular values ``s`` in float64."""
+    for a, b, c in [resolve_schedule(schedule)[min(k, len(resolve_schedule(schedule)) - 1)]
+                    for k in range(steps)]:
+        s = s * (a + s * s * (b + c * s * s))
+    return s
+
+
+@pytest.mark.parametrize("schedule", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(40, 160), (160, 40), (24, 200)])
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e3])
+def test_gram_is_the_svd_map(schedule, shape, cond):
+    # In the float64 SVD basis of X (X = U S V^T), Gram NS is U p(S/||X||_F) V^T with p the
+    # schedule's scalar map: diagonal, with p on the diagonal. fp32: every entry of U^T O V
+    # within 3e-5 of it. bf16: within 0.25 (measured up to 0.19 for polar_express at condition
+    # 1e2-1e3, where the standard bf16 iteration stays within 0.05: Gram's m x m products
+    # round more), its singular values in the band within 0.06, and its distance to U V^T the
+    # schedule's own within 0.06.
+    X = conditioned(*shape, cond=cond, seed=7)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    want = torch.diag(scalar_map(schedule, 5, S / X.norm()))
+    lo, hi = schedule_band(schedule, 5, float(S.min() / X.norm()), float(S.max() / X.norm()))
+    exact = (want - torch.eye(len(S), dtype=torch.float64)).norm() / len(S) ** 0.5
+    for dtype, entry, slack in ((torch.float32, 3e-5, 2e-3), (torch.bfloat16, 0.25, 6e-2)):
+        O = orthogonalize(X.float(), schedule, 5, dtype, method="gram").double()
+        core = U.T @ O @ Vh.T
+        assert (core - want).abs().max() < entry, (dtype, float((core - want).abs().max()))
+        sv = torch.linalg.svdvals(O)
+        assert lo - slack <= sv.min() and sv.max() <= hi + slack, (dtype, sv.aminmax())
+        err = (O - U @ Vh).norm() / (U @ Vh).norm()
+        assert abs(err - exact) < entry / 4, (dtype, float(err), float(exact))
+
+
+@pytest.mark.parametrize("schedule", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(192, 48), (32, 256)])
+def test_gram_on_rank_deficient_matrices(schedule, shape):
+    # Rank r < min(m, n), both orientations and a wider aspect: the r directions follow the
+    # scalar map; the null space gets nothing in fp32 and no more than the standard iteration
+    # gives it in bf16.
+    X = conditioned(*shape, cond=1e2, seed=11)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    r = len(S) // 4
+    S[r:] = 0
+    X = (U * S) @ Vh
+    want = scalar_map(schedule, 5, S[:r] / X.norm())
+    for dtype, tol in ((torch.float32, 3e-5), (torch.bfloat16, 0.25)):
+        O = orthogonalize(X.float(), schedule, 5, dtype, method="gram").double()
+        core = U.T @ O @ Vh.T
+        assert (core[:r, :r] - torch.diag(want)).abs().max() < tol, dtype
+        null = torch.linalg.svdvals(O)[r:].max()
+        std = torch.linalg.svdvals(orthogonalize(X.float(), schedule, 5, dtype).double())[r:]
+        assert null < (1e-4 if dtype == torch.float32 else float(std.max()) + 0.05), dtype
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ns():
+    """DeepSpeed's Newton-Schulz module with its Gram and standard functions eager (its
+    torch.compile skipped) and a way to pick their compute dtype (its CPU accelerator picks
+    fp32; on a GPU Gram runs in fp16)."""
+    original = pytest.importorskip("deepspeed.runtime.zero.muon.original_muon")
+    choose = original.ns_compute_dtype
+
+    def eager(fn):
+        return getattr(fn, "_torchdynamo_orig_callable", fn)
+
+    def run(fn, X, dtype):
+        original.ns_compute_dtype = lambda method="gram": dtype
+        return eager(fn)(X, 5)
+
+    yield original, run
+    original.ns_compute_dtype = choose
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (3, 48, 192), (96, 96)])
+@pytest.mark.parametrize("cond", [None, 1e3])
+def test_gram_matches_deepspeeds_gram(deepspeed_ns, shape, cond):
+    # Same map (Jordan's quintic, Frobenius normalization with eps 1e-7); DeepSpeed restarts
+    # once (after step 2), we every 2 steps: equal in exact arithmetic. fp32 against fp32: to
+    # fp32 rounding. Our fp32 against DeepSpeed's fp16 Gram (its GPU choice): within 2.5x the
+    # distance of DeepSpeed's own standard NS in fp16, i.e. fp16 rounding of this map (measured:
+    # 3e-3-3e-2, and 1.0-1.9x).
+    module, run = deepspeed_ns
+    if cond is None:
+        X = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    else:
+        X = conditioned(*shape[-2:], cond=cond, seed=5).float().expand(*shape).clone()
+    ours = orthogonalize(X, "jordan", 5, torch.float32, method="gram").double()
+
+    def rel(theirs: torch.Tensor) -> float:
+        assert theirs.shape == X.shape
+        return float((theirs.double() - ours).norm() / ours.norm())
+
+    assert rel(run(module.zeropower_via_gram_newtonschulz, X, torch.float32)) < 2e-5
+    gram16 = run(module.zeropower_via_gram_newtonschulz, X, torch.float16)
+    assert gram16.dtype == torch.float16
+    std16 = rel(run(module.zeropower_via_newtonschulz5, X, torch.float16))
+    assert rel(gram16) < 2.5 * std16, (rel(gram16), std16)

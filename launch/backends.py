@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from distributed_muon.launch import grad_noise
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -46,6 +47,8 @@ class Backend:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, lr_factor: LrFactor) -> None:
         self.cfg, self.device, self.lr_factor = cfg, device, lr_factor
+        self.noise: grad_noise.NoiseProbe | None = None  # set by `build`
+        self._fresh: dict[str, float] = {}  # diagnostics measured in the last step
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -67,6 +70,23 @@ class Backend:
     def qk_stats(self) -> dict[str, float | int]:
         """What QK-clip did in the last step (``qk_clipped`` heads, ``max_logit``); {} off."""
         return {}
+
+    def begin_step(self, step: int) -> None:
+        """Before step ``step``'s forward (1-based): arm the noise probe if it logs."""
+        if self.noise is not None:
+            self.noise.begin(step)
+
+    def diagnostics(self) -> dict[str, float]:
+        """What the last step measured (``noise/...``, ``muon/...``); {} on other steps."""
+        fresh, self._fresh = self._fresh, {}
+        return fresh
+
+    def _collect(self, opt: torch.optim.Optimizer, noise: dict[str, float]) -> None:
+        self._fresh.update(noise)
+        diag = opt.diagnostics() if isinstance(opt, DistributedMuon) else {}
+        if diag and diag["step"] != getattr(self, "_diag_step", None):
+            self._diag_step = diag["step"]
+            self._fresh.update({"muon/" + k: v for k, v in diag.items() if k != "step"})
 
     def save(self, folder: Path, train_state: dict[str, int | float]) -> None:
         """Every rank writes its part of a checkpoint into ``folder`` (which exists)."""
@@ -92,17 +112,22 @@ class _TorchBackend(Backend):
             groups = muon_param_groups(model, **model.param_groups_spec())
             self.opt: torch.optim.Optimizer = DistributedMuon(
                 groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
-                ns_dtype=_ns_dtype(self.device), qk_clip_tau=cfg.qk_clip)
+                ns_dtype=_ns_dtype(self.device), qk_clip_tau=cfg.qk_clip,
+                diagnostics_every=cfg.diagnostics_every)
             _register_attention(model, self.opt, cfg)
         else:
             self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95),
                                          weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.noise = grad_noise.attach(self.name, model, cfg.batch, cfg.diagnostics_every,
+                                       self.device)
         return self.model
 
     def step(self, loss: torch.Tensor) -> None:
         loss.backward()
+        noise = grad_noise.measure_averaged_and_finish(self.noise, sharded=self.name == "fsdp2")
         self.opt.step()
+        self._collect(self.opt, noise)
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
 
@@ -211,11 +236,15 @@ class DeepSpeed(Backend):
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor))
         if cfg.optimizer == "muon":
             _register_attention(model, self.engine.basic_optimizer, cfg)
+        self.noise = grad_noise.attach(self.name, model, cfg.batch, cfg.diagnostics_every,
+                                       self.device)
         return self.engine
 
     def step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()  # optimizer, zero_grad and LR schedule
+        self._collect(self.engine.basic_optimizer, grad_noise.finish_with_norm(
+            self.noise, self.engine.get_global_grad_norm()))
 
     def last_lr(self) -> float:
         return self.sched.get_last_lr()[0]

@@ -170,3 +170,48 @@ class _MeasuredReduceScatter:
                                               group=group, async_op=async_op)
         return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,
                                           async_op=async_op)
+
+
+def attach(backend: str, model: nn.Module, global_batch: int, every: int,
+           device: torch.device) -> NoiseProbe | None:
+    """The probe for `dmuon train`'s ``backend`` ("fsdp2", "ddp" or "deepspeed") on ``model``
+    (the unwrapped module; FSDP2's is sharded in place), or None with one rank or ``every``
+    0. Keys: FSDP modules (fsdp2), matrix parameters (ddp), the whole model only (deepspeed).
+    """
+    world = dist.get_world_size()
+    if every <= 0 or world < 2:
+        return None
+    if backend == "fsdp2":
+        key_of = fsdp2_module_keys(model)
+    elif backend == "ddp":
+        key_of = {n: n for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad}
+    else:
+        key_of = {}
+    keys = sorted(set(key_of.values()), key=list(key_of.values()).index) + [MODEL]
+    probe = NoiseProbe(keys, global_batch // world, global_batch, every, device)
+    if backend == "fsdp2":
+        hook_fsdp2_reduce_scatter(probe, model)
+    else:
+        hook_local_gradients(probe, model.named_parameters(), key_of)
+    probe.model, probe.key_of = model, key_of
+    return probe
+
+
+def measure_averaged_and_finish(probe: NoiseProbe | None, sharded: bool) -> dict[str, float]:
+    """After backward (FSDP2, DDP): the averaged gradients, then `NoiseProbe.finish`;
+    {} when the probe is off or this step does not log."""
+    if probe is None or not probe.active:
+        return {}
+    add_averaged_grads(probe, probe.model.named_parameters(), probe.key_of)
+    return probe.finish(averaged_is_sharded=sharded)
+
+
+def finish_with_norm(probe: NoiseProbe | None, norm: float | None) -> dict[str, float]:
+    """After DeepSpeed's step: its global norm of the averaged gradient is the big batch's
+    (None: DeepSpeed computed none, nothing logged, alike on every rank)."""
+    if probe is None or not probe.active or norm is None:
+        if probe is not None:
+            probe.active = False
+        return {}
+    probe.add_averaged(MODEL, torch.tensor(float(norm) ** 2, dtype=torch.float64))
+    return probe.finish(averaged_is_sharded=False)

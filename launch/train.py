@@ -153,6 +153,7 @@ class Trainer:
         while self.step < cfg.steps:
             start = time.perf_counter()
             x, y = self._local(self.corpus.train, cfg.seed, self.step, cfg.batch)
+            self.backend.begin_step(self.step + 1)
             ce, loss = self.model(x, y)
             self.backend.step(loss)
             stats = torch.stack([ce.detach(), loss.detach()])
@@ -164,7 +165,7 @@ class Trainer:
             last_losses = (last_losses + [ce_value])[-LAST_LOSSES:]
             record = {"step": self.step, "loss": ce_value, "lr": self.backend.last_lr(),
                       "tokens": self.step * self.tokens_per_step, "time": self.elapsed,
-                      **self.backend.qk_stats()}
+                      **self.backend.qk_stats(), **self.backend.diagnostics()}
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 val = (self.step, self.evaluate())
                 record["val_loss"] = val[1]

@@ -43,6 +43,8 @@ class TrainConfig:
                                     choices=(0, 1, 2, 3))
     qk_clip: float | None = option(None, "QK-clip threshold tau on max attention logits "
                                    "(muon only; inf: log the max logit, never clip)")
+    diagnostics_every: int = option(10, "log Muon's per-matrix diagnostics and the gradient "
+                                    "noise scale every N steps (0: off)")
     model: ModelConfig = field(default_factory=ModelConfig)
     # Set by `prepare`: the checkpoint folder a --resume starts from.
     resume_from: str | None = option(None, "", flag=False)
@@ -61,8 +63,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {getattr(self, name)}: must be at least 1")
-        if self.save_every < 0 or self.warmup < 0:
-            raise ValueError("--save-every and --warmup must be >= 0")
+        if self.save_every < 0 or self.warmup < 0 or self.diagnostics_every < 0:
+            raise ValueError("--save-every, --warmup and --diagnostics-every must be >= 0")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr {self.lr}: must be a positive number")
         if not self.weight_decay >= 0:

@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         "on N GPUs, from metadata alone, and price the step on a hardware model.")
     add_plan_arguments(plan)
     plan.set_defaults(func=_plan)
+    from distributed_muon.launch import lr_rule
+
+    lr = sub.add_parser(
+        "lr", help="the learning rate for another batch size, from a run's noise scale",
+        description="Predict the best learning rate at other batch sizes from a dmuon train "
+        "run's measured gradient noise scale: eta*(B) = eta_max / sqrt(1 + B_simple / B).")
+    lr_rule.add_arguments(lr)
+    lr.set_defaults(func=lr_rule.main)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

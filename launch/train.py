@@ -187,6 +187,7 @@ class Trainer:
             "tokens_per_s": self.step * self.tokens_per_step / max(self.elapsed, 1e-9),
             "train_loss": sum(last_losses) / len(last_losses),
             "val_loss": val[1] if val else None, "lr": cfg.peak_lr, "seed": cfg.seed,
+            "batch": cfg.batch, "seq": cfg.model.seq,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(summary_table([summary]), flush=True)

@@ -1,0 +1,105 @@
+"""`dmuon lr RUN_DIR --batch B ...`: the learning rate the batch-size rule predicts.
+
+The rule (Su, "Rethinking learning rate and batch size", part 3: Muon, a mean-field
+analysis; the same form as SignSGD's): the best learning rate at batch size ``B`` is
+
+    eta*(B) = eta_max / sqrt(1 + B_simple / B)
+
+with ``B_simple = tr(Sigma) / |G|^2`` the gradient noise scale. Taking the run's own peak
+learning rate ``eta_0`` as the best one at its batch ``B_0`` gives
+``eta_max = eta_0 sqrt(1 + B_simple / B_0)`` and
+
+    eta*(B) = eta_0 sqrt((1 + B_simple / B_0) / (1 + B_simple / B)).
+
+``B_simple`` is read from the run's ``metrics.jsonl`` (``noise/<key>/b_simple``, written by
+``dmuon train --diagnostics-every N`` on 2 or more ranks): the median of the smoothed values
+of the last quarter of the run's logging steps, because the noise scale grows as training
+goes on and the late value is the one a longer run at the new batch size lives with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+ASSUMPTIONS = """\
+Assumptions: (1) the run's peak lr was the best one at its batch size; (2) B_simple
+measured late in this run holds at the new batch size (it grows during training, so the
+prediction is for a run of similar length in tokens); (3) the rule's mean-field form:
+per-sample gradient noise of similar size in every direction (B_simple uses only its
+trace); (4) everything else (schedule, warmup, weight decay, steps scaled to the same
+tokens) unchanged. The plain sqrt(B) and linear rules are shown for comparison."""
+
+
+def predicted_lr(lr0: float, batch0: float, b_simple: float, batch: float) -> float:
+    """``eta*(batch)`` from the run's ``(lr0, batch0)`` and ``b_simple`` (same unit as the
+    batches)."""
+    return lr0 * math.sqrt((1 + b_simple / batch0) / (1 + b_simple / batch))
+
+
+def load_run(run: Path, key: str = "model") -> dict:
+    """The run's ``lr``, ``batch`` (sequences), ``seq`` and ``b_simple`` of ``key`` (with the
+    steps it comes from). Raises ValueError naming what is missing."""
+    summary_file, metrics_file = run / "summary.json", run / "metrics.jsonl"
+    for f in (summary_file, metrics_file):
+        if not f.is_file():
+            raise ValueError(f"{run}: no {f.name}; pass the --out folder of a finished "
+                             "`dmuon train` run")
+    summary = json.loads(summary_file.read_text())
+    if "batch" not in summary:
+        raise ValueError(f"{summary_file} has no batch size (written by an older dmuon "
+                         "train): rerun the training")
+    field = f"noise/{key}/b_simple"
+    steps, values = [], []
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if field in record and math.isfinite(record[field]):
+            steps.append(record["step"])
+            values.append(record[field])
+    if not values:
+        raise ValueError(f"{metrics_file} has no {field}: train with --diagnostics-every N on "
+                         "2 or more ranks (the noise scale compares the ranks' gradients)")
+    last = values[-max(1, len(values) // 4):]
+    return {"lr": summary["lr"], "batch": summary["batch"], "seq": summary.get("seq"),
+            "b_simple": statistics.median(last), "from_steps": (steps[-len(last)], steps[-1]),
+            "logged": len(values)}
+
+
+def report(run: Path, batches: list[int], key: str = "model") -> str:
+    """The table ``dmuon lr`` prints."""
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"--batch {batches}: give one or more batch sizes >= 1 (sequences)")
+    info = load_run(run, key)
+    lr0, b0, bs = info["lr"], info["batch"], info["b_simple"]
+    tokens = f" = {bs * info['seq']:.0f} tokens" if info.get("seq") else ""
+    lines = [
+        f"run {run}: peak lr {lr0:g} at batch {b0} sequences",
+        f"B_simple ({key}) = {bs:.3g} sequences{tokens} (median of the smoothed values at "
+        f"steps {info['from_steps'][0]}-{info['from_steps'][1]}, {info['logged']} logged)",
+        f"eta_max = {lr0 * math.sqrt(1 + bs / b0):.4g}   rule: eta*(B) = eta_max / "
+        "sqrt(1 + B_simple / B)",
+        "",
+        f"{'batch':>8} {'rule lr':>10} {'x run lr':>9} {'sqrt(B) lr':>11} {'linear lr':>10}",
+    ]
+    for b in batches:
+        lr = predicted_lr(lr0, b0, bs, b)
+        lines.append(f"{b:>8} {lr:>10.4g} {lr / lr0:>9.3f} {lr0 * math.sqrt(b / b0):>11.4g} "
+                     f"{lr0 * b / b0:>10.4g}")
+    return "\n".join(lines + ["", ASSUMPTIONS])
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="the --out folder of a `dmuon train` run with "
+                        "--diagnostics-every on 2 or more ranks")
+    parser.add_argument("--batch", type=int, nargs="+", required=True, metavar="B",
+                        help="target batch sizes, in sequences like --batch of dmuon train")
+    parser.add_argument("--key", default="model",
+                        help="whose B_simple: model (default), or a matrix / FSDP module name "
+                        "as in metrics.jsonl's noise/<key>/b_simple")
+
+
+def main(args) -> int:
+    print(report(Path(args.run), args.batch, args.key))
+    return 0

@@ -136,7 +136,9 @@ class Exchange:
     """Routes between this rank's local pieces and the whole matrices it owns.
 
     ``local_shapes[p]`` is the shape of this rank's storage of Muon parameter ``p``. With
-    ``group=None`` (one process) no collective runs and send buffers double as receive buffers.
+    ``group=None`` (one process) no collective runs and send buffers double as receive buffers
+    (a planner may build one rank's exchange of a larger layout with ``group=None``, e.g. on
+    the ``meta`` device, to measure setup: it cannot run).
     """
 
     def __init__(
@@ -217,7 +219,7 @@ class Exchange:
         send_counts = [sum(pc.size for pc in per) for per in routing.send]
         recv_counts = [sum(pc.size for pc in per) for per in routing.recv]
         send = torch.zeros(sum(send_counts), dtype=self.comm_dtype, device=self.device)
-        if self.group is None:
+        if self.group is None and self.layout.world_size == 1:
             route = _Route(send, send, send_counts, recv_counts, None)
         else:
             recv = torch.zeros(sum(recv_counts), dtype=self.comm_dtype, device=self.device)

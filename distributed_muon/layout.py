@@ -197,6 +197,14 @@ class _Pieces(Sequence):
     def __iter__(self) -> Iterator[list[Piece]]:
         return (self[i] for i in range(len(self)))
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Pieces):
+            return bool(np.array_equal(self._table, other._table)
+                        and np.array_equal(self._ptr, other._ptr))
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 class ShardLayout:
     """All pieces of all logical matrices, identical on every rank.
@@ -276,12 +284,19 @@ class ShardLayout:
         if group is None:
             return cls(specs, keys, [local_regions], 1, 0)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        mine = repr(([s.shape for s in specs], [s.row_blocks for s in specs], list(keys)))
-        digest = hashlib.sha256(mine.encode()).hexdigest()
-        rows = np.array([(p, *region_row(reg)) for p, regs in enumerate(local_regions)
-                         for reg in regs], dtype=np.int64).reshape(-1, 10)
         everything: list = [None] * world
-        dist.all_gather_object(everything, (len(specs), digest, rows), group=group)
+        dist.all_gather_object(everything, metadata(specs, keys, local_regions), group=group)
+        return cls.from_gathered(specs, keys, everything, rank)
+
+    @classmethod
+    def from_gathered(
+        cls,
+        specs: Sequence[MatrixSpec],
+        keys: Sequence[Hashable],
+        everything: Sequence[tuple[int, str, np.ndarray]],
+        rank: int,
+    ) -> ShardLayout:
+        """Build from every rank's `metadata` (rank order), as `gather` receives them."""
         for r, (count, theirs, _) in enumerate(everything):
             if theirs != everything[0][1]:
                 raise LayoutError(
@@ -290,8 +305,8 @@ class ShardLayout:
                     "shapes/options): every rank must build the optimizer over the same model "
                     "with the same param groups"
                 )
-        return cls.from_tables(specs, keys, split_by_param([e[2] for e in everything],
-                                                           len(specs)), world, rank)
+        tables = split_by_param([e[2] for e in everything], len(specs))
+        return cls.from_tables(specs, keys, tables, len(everything), rank)
 
     def replicas(self, matrix: int) -> dict[int, list[Piece]]:
         out: dict[int, list[Piece]] = {}
@@ -302,6 +317,23 @@ class ShardLayout:
     def pieces_where(self, mask: np.ndarray) -> list[Piece]:
         """The `Piece`s of the table rows where ``mask`` is true, in table order."""
         return [_piece(r) for r in self.table[mask].tolist()]
+
+
+def metadata(
+    specs: Sequence[MatrixSpec], keys: Sequence[Hashable], local_regions: Sequence[Sequence[Region]]
+) -> tuple[int, str, np.ndarray]:
+    """What a rank sends in `ShardLayout.gather`: its parameter count, a digest of the
+    parameters' shapes and options, and its regions as rows ``(param, *REGION_COLUMNS)``."""
+    rows = np.array([(p, *region_row(reg)) for p, regs in enumerate(local_regions)
+                     for reg in regs], dtype=np.int64).reshape(-1, 10)
+    return len(specs), params_digest(specs, keys), rows
+
+
+def params_digest(specs: Sequence[MatrixSpec], keys: Sequence[Hashable]) -> str:
+    """A digest of the parameters' shapes, row blocks and options: equal on ranks that build
+    the optimizer over the same parameters."""
+    mine = repr(([s.shape for s in specs], [s.row_blocks for s in specs], list(keys)))
+    return hashlib.sha256(mine.encode()).hexdigest()
 
 
 def split_by_param(per_rank: Sequence[np.ndarray], params: int) -> list[np.ndarray]:
@@ -319,8 +351,12 @@ def _cut(t: np.ndarray, mats: list[tuple[int, int, int]], first: int, param: int
         return np.zeros((0, len(PIECE_COLUMNS)), dtype=np.int64)
     starts = np.array([r0 for r0, _, _ in mats], dtype=np.int64)
     ends = starts + np.array([m for _, m, _ in mats], dtype=np.int64)
-    lo_k = np.searchsorted(ends, t[:, 2], side="right")  # first matrix ending after row0
-    hi_k = np.searchsorted(starts, t[:, 3], side="left")  # past the last starting before row1
+    # The rows the flat range [start, stop) of each block touches (a flat region of a whole
+    # expert tensor touches a few experts, not all of them).
+    width = np.maximum(t[:, 5] - t[:, 4], 1)
+    first_row, last_row = t[:, 2] + t[:, 6] // width, t[:, 2] + -(-t[:, 7] // width)
+    lo_k = np.searchsorted(ends, first_row, side="right")  # first matrix ending after it
+    hi_k = np.searchsorted(starts, last_row, side="left")  # past the last starting before
     count = np.maximum(hi_k - lo_k, 0)
     reg = np.repeat(np.arange(len(t)), count)
     k = lo_k[reg] + np.arange(len(reg)) - np.repeat(np.cumsum(count) - count, count)

@@ -3,6 +3,7 @@ collectives they add, and the gradient-noise-scale estimator on synthetic gradie
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -319,3 +320,65 @@ def test_noise_scale_from_ranks_ddp_and_fsdp2(world):
         assert got[f"noise/{w_key}/b_simple"] == pytest.approx(w_true, rel=0.15), backend
         assert got[f"noise/{v_key}/b_simple"] == pytest.approx(v_true, rel=0.15), backend
         assert got["noise/model/b_simple"] == pytest.approx(model_true, rel=0.15), backend
+
+
+# ---------------------------------------------------------------- dmuon lr
+
+
+def _fixture_run(folder, b_simple_values, lr=0.02, batch=16):
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"lr": lr, "batch": batch, "seq": 64}))
+    lines = [{"step": s, "loss": 3.0} for s in range(1, 41)]
+    for i, value in enumerate(b_simple_values):
+        lines[10 * i + 9]["noise/model/b_simple"] = value
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_dmuon_lr_on_a_fixture_run(tmp_path, capsys):
+    from distributed_muon.launch.cli import main
+
+    run = tmp_path / "run"
+    _fixture_run(run, [5.0, 20.0, 30.0, 32.0])  # the last quarter: the last value, 32
+    assert main(["lr", str(run), "--batch", "4", "16", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "B_simple (model) = 32 sequences = 2048 tokens" in out
+    rows = {int(line.split()[0]): [float(x) for x in line.split()[1:]]
+            for line in out.splitlines() if line.strip()[:1].isdigit()}
+    for batch, (rule, ratio, sqrt_lr, linear_lr) in rows.items():
+        eta_max = 0.02 * math.sqrt(1 + 32 / 16)  # the run's lr taken as best at batch 16
+        assert rule == pytest.approx(eta_max / math.sqrt(1 + 32 / batch), rel=1e-3)
+        assert ratio == pytest.approx(rule / 0.02, abs=1e-3)
+        assert sqrt_lr == pytest.approx(0.02 * math.sqrt(batch / 16), rel=1e-3)
+        assert linear_lr == pytest.approx(0.02 * batch / 16, rel=1e-3)
+    assert rows[16][0] == pytest.approx(0.02)
+    assert "Assumptions" in out
+
+
+def test_dmuon_lr_errors_are_one_line(tmp_path, capsys):
+    from distributed_muon.launch.cli import main
+
+    run = tmp_path / "run"
+    _fixture_run(run, [])
+    assert main(["lr", str(run), "--batch", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dmuon lr:") and "--diagnostics-every" in err and "\n" not in err
+    assert main(["lr", str(tmp_path / "missing"), "--batch", "32"]) == 2
+    assert main(["lr", str(run), "--batch", "0"]) == 2
+
+
+def test_dmuon_train_logs_diagnostics(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "train", "--steps", "4",
+                    "--backend", "ddp", "--diagnostics-every", "2", "--eval-every", "4",
+                    "--eval-batches", "1", "--out", str(out)], check=True, capture_output=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "noise/model/b_simple" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert [r["step"] for r in records if "muon/all/nuclear_ratio" in r] == [2, 4]
+    last = logged[-1]
+    assert 1 <= last["muon/all/nuclear_ratio"] and last["muon/ns_imbalance"] >= 1
+    assert last["muon/blocks.0.attn.qkv.weight[0]/update_rms"] > 0
+    assert "noise/blocks.0.moe.w_in/b_simple" in last and last["noise/seconds"] >= 0

@@ -333,6 +333,7 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
                 data_parallel_group_idx=dist.get_rank(ps.get_model_parallel_group()),
                 distributed_optimizer_instance_id=0)
             inner.bind(_distributed_mains(wrapper, inner), dp)
+            _refuse_checkpoints(wrapper)
             stats = dp
         else:
             cls = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
@@ -345,6 +346,23 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
         wrapper.tp_group = ps.get_tensor_model_parallel_group()
         wrappers.append(wrapper)
     return ChainedOptimizer(wrappers)
+
+
+def _refuse_checkpoints(wrapper: Any) -> None:
+    """Megatron's distributed-optimizer checkpoints assume Adam's state on every parameter
+    (``exp_avg``, ``exp_avg_sq``, a shared ``step``); ours differs per parameter (Muon keeps a
+    momentum buffer only), so saving would fail deep inside Megatron or drop state."""
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise NotImplementedError(
+            "checkpoints of --optimizer dmuon with --use-distributed-optimizer are not "
+            "supported yet (Megatron's distributed-optimizer checkpoint format holds Adam state "
+            "only): train without --use-distributed-optimizer to save checkpoints "
+            "(docs/megatron.md)")
+
+    for name in ("state_dict", "sharded_state_dict", "save_parameter_state",
+                 "load_parameter_state"):
+        setattr(wrapper, name, refuse)
 
 
 def _init_state_fn(opt: MegatronMuon, config: Any = None) -> None:

@@ -132,3 +132,55 @@ def compare_report(out: Path, results: dict[str, dict]) -> None:
     plot_losses(runs, out / "compare.png")
     print("\n" + summary_table(list(results.values())))
     print(f"plot: {out / 'compare.png'}")
+
+
+def plot_diagnostics(records: list[dict], path: Path) -> bool:
+    """Four panels from ``metrics.jsonl``'s logging steps: gradient noise scale, Muon's
+    nuclear/Frobenius ratio and update RMS per layer type, and per-rank optimizer phase times.
+    Returns False (and draws nothing) when the run logged no diagnostics."""
+    logged = [r for r in records if any(k.startswith(("muon/", "noise/")) for k in r)]
+    if not logged:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+
+    def series(ax, key, **style):
+        pts = [(r["step"], r[key]) for r in logged if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), **style)
+
+    ax = axes[0][0]
+    series(ax, "noise/model/b_simple", color="C0", marker="o", label="smoothed")
+    series(ax, "noise/model/b_simple_step", color="C0", alpha=0.35, label="this step")
+    ax.set_title("gradient noise scale B_simple, whole model (sequences)")
+    kinds = sorted({k.split("/")[1] for r in logged for k in r
+                    if k.startswith("muon/") and "*" in k})
+    for ax, field, title in ((axes[0][1], "nuclear_ratio",
+                              "<O,u>^2 / ||u||_F^2 per layer type (nuclear/Frobenius ratio)"),
+                             (axes[1][0], "update_rms", "applied update RMS per layer type")):
+        for i, kind in enumerate(kinds):
+            series(ax, f"muon/{kind}/{field}", color=f"C{i}", marker=".", label=kind)
+        ax.set_title(title)
+    ax = axes[1][1]
+    ranks = sorted({k.split("/")[1] for r in logged for k in r if k.startswith("muon/rank")})
+    for i, rank in enumerate(ranks):
+        series(ax, f"muon/{rank}/time_ns", color=f"C{i}", marker=".", label=f"{rank} NS")
+        total = [(r["step"], sum(v for k, v in r.items()
+                                 if k.startswith(f"muon/{rank}/time_"))) for r in logged
+                 if f"muon/{rank}/time_ns" in r]
+        if total:
+            ax.plot(*zip(*total, strict=True), color=f"C{i}", ls="--", label=f"{rank} step")
+    ax.set_title("optimizer seconds per rank on logging steps (NS, whole step)")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -34,6 +34,7 @@ from distributed_muon.launch.reporting import (
     MetricsLog,
     Progress,
     compare_report,
+    plot_diagnostics,
     plot_losses,
     summary_table,
 )
@@ -191,8 +192,11 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(summary_table([summary]), flush=True)
-        plot_losses({cfg.optimizer: metrics.read()}, self.out / "loss.png")
-        print(f"metrics: {self.out / 'metrics.jsonl'}   plot: {self.out / 'loss.png'}",
+        records = metrics.read()
+        plot_losses({cfg.optimizer: records}, self.out / "loss.png")
+        plots = "loss.png" + (", diagnostics.png" if plot_diagnostics(
+            records, self.out / "diagnostics.png") else "")
+        print(f"metrics: {self.out / 'metrics.jsonl'}   plots: {plots} in {self.out}",
               flush=True)
 
     def _record_ranks(self) -> None:

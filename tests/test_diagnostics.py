@@ -382,3 +382,4 @@ def test_dmuon_train_logs_diagnostics(tmp_path):
     assert 1 <= last["muon/all/nuclear_ratio"] and last["muon/ns_imbalance"] >= 1
     assert last["muon/blocks.0.attn.qkv.weight[0]/update_rms"] > 0
     assert "noise/blocks.0.moe.w_in/b_simple" in last and last["noise/seconds"] >= 0
+    assert (out / "diagnostics.png").stat().st_size > 10_000

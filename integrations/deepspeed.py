@@ -42,6 +42,7 @@ from distributed_muon.integrations.deepspeed_internals import (
 from distributed_muon.integrations.replicated import ReplicatedSharding
 from torch.optim import Optimizer
 
+from distributed_muon.cost import resolve_ns_cost
 from distributed_muon.layout import Region
 from distributed_muon.optimizer import (
     GROUP_OPTIONS,
@@ -59,7 +60,7 @@ from distributed_muon.sharding import Sharding
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
-_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau")
+_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost")
 
 
 class FlatSharding:
@@ -118,10 +119,14 @@ class DeepSpeedMuon(Optimizer):
     so the clip factors are computed (one MAX all-reduce over data parallel) at the first
     partition's step of a training step, and each partition scales its own fragments of the
     clipped rows right after its update.
+
+    ``ns_cost`` (the path of a measured NS cost table, see `distributed_muon.cost`) makes each
+    partition's owner plan balance measured seconds instead of NS FLOPs.
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
-                 plan: str = "lpt", qk_clip_tau: float | None = None, **options: Any) -> None:
+                 plan: str = "lpt", qk_clip_tau: float | None = None,
+                 ns_cost: str | None = None, **options: Any) -> None:
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
             raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
@@ -130,6 +135,7 @@ class DeepSpeedMuon(Optimizer):
         if plan not in STRATEGIES:
             raise ValueError(f"plan={plan!r} is not valid: use one of {STRATEGIES}")
         self.plan = plan
+        self.ns_cost = resolve_ns_cost(ns_cost)  # a bad table fails here, before any step
         engine = calling_engine()
         if engine is not None:
             _refuse_unsupported(engine)
@@ -290,7 +296,8 @@ class DeepSpeedMuon(Optimizer):
             params = sorted(sharding.shapes, key=order.__getitem__)
             names = [self.group_names[gi][order[p]] for p in params]
         inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
-                                comm_dtype=self.comm_dtype, sharding=sharding, plan=self.plan)
+                                comm_dtype=self.comm_dtype, sharding=sharding, plan=self.plan,
+                                ns_cost=self.ns_cost)
         unit = _Unit(inner, flat, sharding)
         self._link_state(gi, unit)
         return unit

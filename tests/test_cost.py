@@ -203,3 +203,31 @@ def test_bench_plans_on_a_table(tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--ns-cost", str(tmp_path / "none.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a readable NS cost table" in bad.stderr
+
+
+def _deepspeed_worker(rank, world, table_path):
+    import deepspeed
+    from test_deepspeed import _batches, _config, _init_env, _inner, _model
+
+    _init_env(rank, world)
+    cfg = _config(2, world)
+    cfg["optimizer"]["params"]["ns_cost"] = table_path
+    model = _model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=cfg)
+    engine.backward(engine(_batches(1, world)[0, rank:rank + 1].to(engine.device)))
+    engine.step()
+    return [(m.m, m.n, c) for u in _inner(engine)._units.values()
+            for m, c in zip(u.optimizer.layout.matrices, u.optimizer.plan.cost)]
+
+
+@pytest.mark.usefixtures("deepspeed_comm_op")
+def test_deepspeed_json_takes_a_table(tmp_path):
+    # "ns_cost" in the JSON optimizer params: every ZeRO partition plans on the table.
+    pytest.importorskip("deepspeed")
+    fp32 = NSOptions(schedule="jordan", steps=5, dtype=torch.float32, eps=1e-7,
+                     scale="match_rms_adamw")
+    table = table_at({(16, 49): 1e8}, fp32)  # TinyLM's fc1 (49x16) and fc2 (16x49)
+    table.save(tmp_path / "t.json")
+    for costs in run_ranks(2, _deepspeed_worker, str(tmp_path / "t.json"), timeout=300):
+        assert costs and all(c == pytest.approx(table(m, n, fp32)) for m, n, c in costs)

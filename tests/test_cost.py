@@ -221,10 +221,15 @@ def _deepspeed_worker(rank, world, table_path):
             for m, c in zip(u.optimizer.layout.matrices, u.optimizer.plan.cost)]
 
 
-@pytest.mark.usefixtures("deepspeed_comm_op")
+@pytest.fixture
+def deepspeed_ready(request):
+    pytest.importorskip("deepspeed")  # before the comm op build, which needs DeepSpeed
+    request.getfixturevalue("deepspeed_comm_op")
+
+
+@pytest.mark.usefixtures("deepspeed_ready")
 def test_deepspeed_json_takes_a_table(tmp_path):
     # "ns_cost" in the JSON optimizer params: every ZeRO partition plans on the table.
-    pytest.importorskip("deepspeed")
     fp32 = NSOptions(schedule="jordan", steps=5, dtype=torch.float32, eps=1e-7,
                      scale="match_rms_adamw")
     table = table_at({(16, 49): 1e8}, fp32)  # TinyLM's fc1 (49x16) and fc2 (16x49)

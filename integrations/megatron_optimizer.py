@@ -125,7 +125,8 @@ class MegatronMuon(Optimizer):
         super().__init__(param_groups, {"lr": self.options["lr"]})
         self.model_params = [list(g["params"]) for g in self.param_groups]
         self.inner: DistributedMuon | None = None
-        self._links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model param, main)
+        self._links: list[tuple[torch.Tensor, torch.Tensor, Any]] = []  # (model, main, span)
+        self.steps = 0  # optimizer steps taken (not skipped): Megatron's common "step"
         self._inner_of: list[tuple[int, bool]] = []  # inner group -> (outer group, is Muon)
 
     def bind(self, mains: Sequence[Sequence[tuple[torch.Tensor, Any]]],
@@ -141,7 +142,7 @@ class MegatronMuon(Optimizer):
             for p, (main, span) in zip(params, pairs, strict=True):
                 if main is not None:
                     table[id(p)] = (main, span)
-                    self._links.append((p, main))
+                    self._links.append((p, main, span))
         if dp_group is not None:
             replicas = _shared_replicas(self.sharding, self.model_params, dp_group)
         device = next((m.device for m, _ in table.values()), torch.device("cpu"))
@@ -178,22 +179,42 @@ class MegatronMuon(Optimizer):
     def _link(self) -> None:
         """The inner optimizer's state lives in this one's, keyed by main param (what
         Megatron's checkpoints save)."""
-        for p, main in self._links:
+        for p, main, _ in self._links:
             self.inner.state[p] = self.state[main]
 
     def init_state(self) -> None:
         """Zero state for every main param (Megatron's ``init_state_fn``, before a load)."""
-        muon = {id(p) for g, (_, is_muon) in zip(self.inner.param_groups, self._inner_of,
-                                                  strict=True) if is_muon for p in g["params"]}
-        for p, main in self._links:
+        keys = {id(p): k for p, k in self.state_keys()}
+        for p, main, _ in self._links:
             state = self.state[main]
             if state:
                 continue
-            if id(p) in muon:
+            if "momentum_buffer" in keys[id(p)]:
                 state["momentum_buffer"] = torch.zeros_like(main)
             else:
                 state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(main),
                              exp_avg_sq=torch.zeros_like(main))
+
+    def state_keys(self) -> list[tuple[torch.Tensor, list[str]]]:
+        """Every model param of this optimizer (the same list on every rank) and the tensors
+        a checkpoint keeps of it: ``fp32_param``, then its optimizer state."""
+        muon = {id(p) for g, (_, is_muon) in zip(self.inner.param_groups, self._inner_of,
+                                                  strict=True) if is_muon for p in g["params"]}
+        return [(p, ["fp32_param", "momentum_buffer"] if id(p) in muon
+                 else ["fp32_param", "exp_avg", "exp_avg_sq"])
+                for params in self.model_params for p in params]
+
+    def main_shards(self) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """``(model param, main, (start, stop) or None)`` of every main held here."""
+        return list(self._links)
+
+    def set_steps(self, steps: int) -> None:
+        """Restore the step count (AdamW's bias correction) after loading a checkpoint."""
+        self.steps = steps
+        for _, main, _ in self._links:
+            state = self.state[main]
+            if "step" in state:
+                state["step"].fill_(float(steps))
 
     @property
     def ns_matrices(self) -> int:
@@ -213,7 +234,10 @@ class MegatronMuon(Optimizer):
             wd = outer.get("weight_decay",
                            self.options["weight_decay"] * outer.get("wd_mult", 1.0))
             group["weight_decay"] = wd / f
-        return self.inner.step(closure)
+        loss = self.inner.step(closure)
+        if not self.inner.last_step_skipped:
+            self.steps += 1
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -333,7 +357,7 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
                 data_parallel_group_idx=dist.get_rank(ps.get_model_parallel_group()),
                 distributed_optimizer_instance_id=0)
             inner.bind(_distributed_mains(wrapper, inner), dp)
-            _refuse_checkpoints(wrapper)
+            _model_space_checkpoints(wrapper, inner, dp)
             stats = dp
         else:
             cls = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
@@ -348,20 +372,78 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
     return ChainedOptimizer(wrappers)
 
 
-def _refuse_checkpoints(wrapper: Any) -> None:
-    """Megatron's distributed-optimizer checkpoints assume Adam's state on every parameter
-    (``exp_avg``, ``exp_avg_sq``, a shared ``step``); ours differs per parameter (Muon keeps a
-    momentum buffer only), so saving would fail deep inside Megatron or drop state."""
+def _model_space_checkpoints(wrapper: Any, inner: MegatronMuon,
+                             dp_group: dist.ProcessGroup) -> None:
+    """Checkpoints of the distributed-optimizer wrapper in model space (``torch_dist``).
+
+    Megatron's distributed-optimizer formats assume Adam's state on every parameter; ours
+    differs (a Muon matrix keeps a momentum buffer only). Here each parameter's fp32 main value
+    and state are saved as tensors shaped and sharded like the parameter itself (its entry in
+    the model's sharded state dict), so a checkpoint loads at another data-parallel size. The
+    data-parallel shards of a parameter are assembled with one all-reduce per parameter (at
+    save, and every rank holds one parameter's full TP-local state at a time; at load, the
+    full TP-local state of every parameter, briefly). Param groups and the step are common."""
+
+    names: dict[int, list[str]] = {}  # id(model param) -> entry of each state row
+
+    def sharded_state_dict(model_sharded_state_dict: Any, is_loading: bool = False,
+                           **_: Any) -> dict[str, Any]:
+        from dataclasses import replace
+
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+        from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+        inner.init_state()
+        tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+        by_param = {id(sh.data): sh for sh in nested_values(tensors)}
+        mine = {id(model): (main, span) for model, main, span in inner.main_shards()}
+        device = next(iter(mine.values()))[0].device if mine else torch.device("cuda")
+        names.clear()
+        state: dict[str, Any] = {}
+        for index, (model, keys) in enumerate(inner.state_keys()):  # same order on DP ranks
+            sh = by_param.get(id(model))
+            if sh is None:
+                raise ValueError("a parameter of the optimizer is missing from the model's "
+                                 "sharded state dict: build it with keep_vars=True")
+            full = torch.zeros(len(keys), model.numel(), device=device)
+            if not is_loading:
+                if id(model) in mine:
+                    main, (start, stop) = mine[id(model)]
+                    full[:, start:stop] = torch.stack(
+                        [main, *(inner.state[main][k] for k in keys[1:])])
+                dist.all_reduce(full, group=dp_group)  # the DP ranges are disjoint
+            names[id(model)] = []
+            for row, key in zip(full, keys, strict=True):
+                # Layers stacked under one model key differ by offset: index the dict entry.
+                fields = dict(key=f"optimizer.state.{key}.{sh.key}", data=row.view(model.shape))
+                if not isinstance(sh, ShardedTensorFactory):
+                    fields["dtype"] = row.dtype
+                state[f"{index}.{key}"] = replace(sh, **fields)
+                names[id(model)].append(f"{index}.{key}")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        return {"param_state": state, "param_groups": groups, "step": inner.steps}
+
+    def load_state_dict(state_dict: dict[str, Any]) -> None:
+        loaded = state_dict["param_state"]
+        keys = {id(p): k for p, k in inner.state_keys()}
+        for model, main, (start, stop) in inner.main_shards():
+            for key, name in zip(keys[id(model)], names[id(model)], strict=True):
+                target = main if key == "fp32_param" else inner.state[main][key]
+                target.copy_(loaded[name].reshape(-1)[start:stop])
+        for group, saved in zip(inner.param_groups, state_dict["param_groups"], strict=True):
+            group.update(saved)
+        inner.set_steps(int(state_dict["step"]))
 
     def refuse(*_: Any, **__: Any) -> Any:
         raise NotImplementedError(
-            "checkpoints of --optimizer dmuon with --use-distributed-optimizer are not "
-            "supported yet (Megatron's distributed-optimizer checkpoint format holds Adam state "
-            "only): train without --use-distributed-optimizer to save checkpoints "
-            "(docs/megatron.md)")
+            "--optimizer dmuon with --use-distributed-optimizer saves checkpoints in the "
+            "torch_dist format only (--ckpt-format torch_dist): Megatron's other "
+            "distributed-optimizer formats hold Adam state (docs/megatron.md)")
 
-    for name in ("state_dict", "sharded_state_dict", "save_parameter_state",
-                 "load_parameter_state"):
+    wrapper.sharded_state_dict = sharded_state_dict
+    wrapper.load_state_dict = load_state_dict
+    for name in ("state_dict", "save_parameter_state", "load_parameter_state"):
         setattr(wrapper, name, refuse)
 
 

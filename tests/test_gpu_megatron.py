@@ -11,9 +11,9 @@ Megatron's DDP, optimizer built by Megatron's own ``get_megatron_optimizer`` wit
 - the grad norm Megatron reports is the norm of the gradients before orthogonalization;
 - exactly once: matrices orthogonalized = matrices x steps;
 - resume: Megatron's distributed checkpoint (torch_dist) of model and optimizer after step 2,
-  loaded into a fresh model and optimizer, repeats step 3 bit for bit (bf16 main-param wrapper;
-  with the distributed optimizer, checkpoints are refused with a clear error: Megatron's
-  distributed-optimizer checkpoint code knows only Adam's per-parameter state).
+  loaded into a fresh model and optimizer, repeats step 3 bit for bit, with either wrapper (the
+  distributed optimizer's state is saved in model space by the adapter; its legacy non-sharded
+  format is refused with a clear error).
 """
 
 from __future__ import annotations
@@ -181,10 +181,11 @@ def test_megatron_gpt_moe_with_dmuon_equals_reference(megatron, distributed):
     assert ref.ns_matrices == n_matrices * STEPS
 
 
-def test_megatron_checkpoint_resume_is_exact(megatron, tmp_path):
+@pytest.mark.parametrize("distributed", [False, True], ids=["float16-wrapper", "distopt"])
+def test_megatron_checkpoint_resume_is_exact(megatron, distributed, tmp_path):
     from megatron.core import dist_checkpointing
 
-    ddp, opt, _ = _build(False)
+    ddp, opt, _ = _build(distributed)
     for s in range(2):
         _train_step(ddp, opt, s)
     model_sd = ddp.module.sharded_state_dict()
@@ -193,7 +194,7 @@ def test_megatron_checkpoint_resume_is_exact(megatron, tmp_path):
     _train_step(ddp, opt, 2)
     after = _mains(ddp)
 
-    ddp2, opt2, _ = _build(False)
+    ddp2, opt2, _ = _build(distributed)
     model_sd = ddp2.module.sharded_state_dict()
     loaded = dist_checkpointing.load(
         {"model": model_sd, "optimizer": opt2.sharded_state_dict(model_sd, is_loading=True)},
@@ -206,13 +207,10 @@ def test_megatron_checkpoint_resume_is_exact(megatron, tmp_path):
         assert torch.equal(after[name], again[name]), name
 
 
-def test_distributed_optimizer_checkpoint_is_refused_clearly(megatron):
+def test_distributed_optimizer_legacy_checkpoint_is_refused_clearly(megatron):
     ddp, opt, _ = _build(True)
     _train_step(ddp, opt, 0)
-    model_sd = ddp.module.sharded_state_dict()
-    with pytest.raises(NotImplementedError, match="use-distributed-optimizer"):
-        opt.sharded_state_dict(model_sd)
-    with pytest.raises(NotImplementedError, match="use-distributed-optimizer"):
+    with pytest.raises(NotImplementedError, match="torch_dist"):
         opt.state_dict()
 
 

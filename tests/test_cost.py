@@ -150,8 +150,8 @@ def _costs_on_rank(rank, world):
 
 
 def test_matrix_costs_agree_across_ranks():
-    costs = run_ranks(3, _costs_on_rank)
-    assert costs[0] == costs[1] == costs[2] == [flop_cost(D, D, BF16) / 400e12,
+    costs = run_ranks(2, _costs_on_rank)
+    assert costs[0] == costs[1] == [flop_cost(D, D, BF16) / 400e12,
                                                 flop_cost(D, 4 * D, BF16) / 500e12]
 
 
@@ -200,9 +200,10 @@ def test_bench_plans_on_a_table(tmp_path):
     slow, fast = flop_cost(64, 160, fp32) / 1e8, flop_cost(96, 64, fp32) / 1e9
     planned = 2 * slow / ((3 * slow + 3 * fast) / 2)
     assert report["planned_imbalance"] == pytest.approx(planned)
-    bad = subprocess.run(cmd[:-4] + ["--ns-cost", str(tmp_path / "none.json")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a readable NS cost table" in bad.stderr
+    from distributed_muon.launch.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="not a readable NS cost table"):  # the CLI's exit 2
+        BenchConfig(ns_cost=str(tmp_path / "none.json"), device="cpu").resolved()
 
 
 def _deepspeed_worker(rank, world, table_path):

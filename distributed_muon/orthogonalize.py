@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from types import ModuleType
 import torch
 
 from distributed_muon.options import DTypeLike, parse_dtype
+
+logger = logging.getLogger(__name__)
 
 Coefficients = tuple[float, float, float]
 
@@ -209,9 +212,30 @@ def _symmetric_product(Y: torch.Tensor, kernel: str) -> SymmetricProduct:
             raise ValueError(f"kernel='triton' needs CUDA, Triton and a bf16/fp16 ns_dtype, got "
                              f"{Y.dtype} on {Y.device} (Triton installed: {module is not None})")
         return module.symmetric_matmul
-    if fits and Y.shape[-2] >= SYMMETRIC_MIN_SIZE and _symmetric_module() is not None:
-        return _symmetric_module().symmetric_matmul
+    if fits and Y.shape[-2] >= SYMMETRIC_MIN_SIZE and _kernel_failure is None \
+            and _symmetric_module() is not None:
+        return _kernel_or_torch
     return _torch_symmetric
+
+
+# Why the kernel failed in this process (kernel="auto" then runs torch from there on), or None.
+_kernel_failure: str | None = None
+
+
+def _kernel_or_torch(A: torch.Tensor, B: torch.Tensor, **kw: object) -> torch.Tensor:
+    """The kernel, or torch where it fails (an optional kernel that does not compile on this
+    GPU or Triton version must not stop training): logged once, then torch for the process."""
+    global _kernel_failure
+    if _kernel_failure is None:
+        try:
+            return _symmetric_module().symmetric_matmul(A, B, **kw)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the optional kernel
+            _kernel_failure = f"{type(e).__name__}: {e}"
+            logger.warning("the Triton symmetric-product kernel failed (%s); Newton-Schulz "
+                           "uses torch's matmuls from now on in this process", _kernel_failure)
+    return _torch_symmetric(A, B, **kw)
 
 
 def _step_coefficients(coeffs: tuple[Coefficients, ...], steps: int) -> list[Coefficients]:

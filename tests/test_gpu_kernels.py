@@ -164,3 +164,43 @@ def test_bad_kernel_choice_is_refused():
     with pytest.raises(ValueError, match="kernel='triton' needs CUDA"):
         orthogonalize(torch.randn(4, 8), kernel="triton")
     assert not symmetric_kernel_available("cpu")
+
+
+class _Broken:
+    """A kernel module whose kernel fails, as one that does not compile would."""
+
+    calls = 0
+
+    @classmethod
+    def symmetric_matmul(cls, A, B, **kw):
+        cls.calls += 1
+        raise RuntimeError("PTX assembly aborted")
+
+
+def test_a_failing_kernel_falls_back_to_torch_once(monkeypatch, caplog):
+    monkeypatch.setattr(_Broken, "calls", 0)
+    monkeypatch.setattr(ortho, "_symmetric_module", lambda: _Broken)
+    monkeypatch.setattr(ortho, "_kernel_failure", None)
+    A = torch.randn(2, 8, 16)
+    with caplog.at_level("WARNING", logger="distributed_muon.orthogonalize"):
+        assert torch.equal(ortho._kernel_or_torch(A, A.mT), torch.bmm(A, A.mT))
+        S = torch.bmm(A, A.mT)
+        want = torch.baddbmm(S, S, S, beta=0.5, alpha=2.0)
+        want.diagonal(dim1=-2, dim2=-1).add_(3.0)
+        got = ortho._kernel_or_torch(S, S, alpha=2.0, beta=0.5, D=S, diag=3.0)
+        assert torch.equal(got, want)
+    assert _Broken.calls == 1  # not tried again in this process
+    assert "PTX assembly aborted" in ortho._kernel_failure
+    assert "PTX assembly aborted" in caplog.text and len(caplog.records) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_survives_a_failing_kernel(monkeypatch):
+    monkeypatch.setattr(ortho, "_symmetric_module", lambda: _Broken)
+    monkeypatch.setattr(ortho, "_kernel_failure", None)
+    monkeypatch.setattr(ortho, "SYMMETRIC_MIN_SIZE", 0)
+    X = torch.randn(64, 200, device="cuda")
+    for method in ("standard", "gram"):
+        assert torch.equal(orthogonalize(X, method=method),
+                           orthogonalize(X, method=method, kernel="torch"))
+    assert ortho._kernel_failure is not None

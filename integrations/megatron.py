@@ -247,6 +247,8 @@ class MegatronSharding:
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
         info = self.info(param)
         full = info.shape[1:] if info.ep_size > 1 else info.shape
+        if info.dim is None and len(full) > 2:  # whole: the core's [E*m, n] view of it
+            full = (math.prod(full[:-1]), full[-1])
         rows = full[0] if full else 1
         cols = math.prod(full[1:])
         # Rectangles (row0, row1, col0, col1, local offset) in the parameter's own [rows, cols].

@@ -159,12 +159,15 @@ class MegatronMuon(Optimizer):
 
     def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:
         """One Megatron group -> Muon params, one group per split QKV weight, AdamW params
-        (Megatron's rule: 2-D weights that are not embeddings or the output layer, known by
+        (Megatron's rule: weights that are not embeddings or the output layer, known by
         Megatron's attribute or, as `megatron_param_groups` does, by name)."""
         muon, adamw = [], []
         for p in params:
             info = self.sharding.info(p)
-            matrix = (p.ndim == 2 and not getattr(p, "is_embedding_or_output_parameter", False)
+            # >= 2-D globally: per-expert 2-D shards of EP-stacked experts, and the 3-D expert
+            # tensors of a plain (non-Megatron) MoE wrapped in Megatron's DDP.
+            matrix = (len(info.shape) >= 2
+                      and not getattr(p, "is_embedding_or_output_parameter", False)
                       and not is_embedding_or_head_name(info.name))
             blocks = self.sharding.qkv_row_blocks(p) if matrix and self.split_qkv else None
             if blocks is not None:

@@ -280,4 +280,6 @@ def _qk_stats(opt: torch.optim.Optimizer) -> dict[str, float | int]:
     return {"qk_clipped": clip.last_clipped, "max_logit": clip.last_max_logit}
 
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FSDP2, DDP, DeepSpeed)}
+from distributed_muon.launch.megatron_backend import Megatron  # noqa: E402  (subclasses Backend)
+
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FSDP2, DDP, DeepSpeed, Megatron)}

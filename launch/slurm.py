@@ -8,7 +8,7 @@ Launch styles (templates in ``launch/templates/``):
   and ``SLURM_LOCALID`` itself (CPU clusters, or where torchrun is not wanted).
 - ``deepspeed``: one ``srun`` task per rank with DeepSpeed's environment (``--backend
   deepspeed``).
-- ``megatron``: a documented placeholder until the Megatron integration lands.
+- ``megatron``: as ``torchrun``, running ``dmuon train --backend megatron`` (GPU nodes only).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class SlurmConfig:
             raise ValueError("--nodes must be >= 1 and --gpus-per-node >= 0")
         if self.style == "torchrun" and self.gpus_per_node == 0 and not self.tasks_per_node:
             raise ValueError("--style torchrun needs --gpus-per-node or --tasks-per-node")
+        if self.style == "megatron" and self.gpus_per_node == 0:
+            raise ValueError("--backend megatron runs on GPU nodes only: set --gpus-per-node")
 
 
 def render(cfg: SlurmConfig) -> str:
@@ -49,7 +51,7 @@ def render(cfg: SlurmConfig) -> str:
     per_node = cfg.tasks_per_node or max(cfg.gpus_per_node, 1)
     headers = [f"#SBATCH --job-name={cfg.job_name}", f"#SBATCH --nodes={cfg.nodes}",
                f"#SBATCH --time={cfg.time}", "#SBATCH --output=%x-%j.out"]
-    if cfg.style == "torchrun":
+    if cfg.style in ("torchrun", "megatron"):  # one torchrun per node
         headers.append("#SBATCH --ntasks-per-node=1")
     else:
         headers.append(f"#SBATCH --ntasks-per-node={per_node}")

@@ -42,7 +42,7 @@ BAD_INPUTS = [
     (["train", "--nproc", "0"], None, 2, "--nproc 0"),
     (["train", "--eval-every", "0"], None, 2, "--eval-every 0"),
     (["train", "--zero-stage", "2"], None, 2, "--backend deepspeed only"),
-    (["train", "--backend", "megatron"], None, 2, "--backend"),
+    (["train", "--backend", "megatron", "--device", "cpu"], None, 2, "runs on GPUs only"),
     (["train", "--optimizer", "sgd"], None, 2, "--optimizer"),
     (["train", "--compare", "--lr", "0.1"], None, 2, "drop --lr"),
     (["train", "--qk-clip", "0"], None, 2, "--qk-clip 0.0: must be a positive number"),

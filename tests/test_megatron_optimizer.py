@@ -83,3 +83,34 @@ def test_argument_parser_gets_dmuon_and_its_flags():
     args = parser.parse_args(["--optimizer", "dmuon", "--dmuon-ns-method", "gram"])
     assert (args.optimizer, args.dmuon_ns_method, args.dmuon_plan) == ("dmuon", "gram", "lpt")
     assert not any(a.dest.startswith("dist_") for a in parser._actions)
+
+
+def test_whole_3d_parameter_is_described_in_the_cores_view(tmp_path):
+    """A plain module's 3-D expert tensor (no TP, no EP) under MegatronSharding, e.g. a model
+    wrapped in Megatron's DDP: the same update as without the adapter."""
+    import torch
+    import torch.distributed as dist
+    from distributed_muon.integrations.megatron import MegatronSharding
+
+    from distributed_muon import DistributedMuon
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        module = torch.nn.Module()
+        module.experts = torch.nn.Parameter(torch.randn(4, 6, 5))
+        start = module.experts.detach().clone()
+        plain = torch.nn.Parameter(start.clone())
+        grad = torch.randn(4, 6, 5)
+        group = dist.group.WORLD
+        opts = dict(lr=0.1, ns_dtype="fp32", comm_dtype="fp32")
+        a = DistributedMuon([module.experts], sharding=MegatronSharding(
+            module, group=group, tp_group=group), **opts)
+        b = DistributedMuon([plain], **opts)
+        module.experts.grad, plain.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+        assert torch.allclose(module.experts, plain, atol=1e-6)
+        assert (plain - start).abs().max() > 1e-3  # it moved
+    finally:
+        dist.destroy_process_group()

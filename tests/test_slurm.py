@@ -52,7 +52,9 @@ def test_rendered_scripts_are_valid_bash(style, tmp_path):
     if style == "srun":
         assert "#SBATCH --ntasks-per-node=4" in text
     if style == "megatron":
-        assert "placeholder" in text and "exit 1" in text
+        assert "--nnodes=3 --nproc-per-node=4" in text and "#SBATCH --ntasks-per-node=1" in text
+        assert "train --backend megatron --device cuda --steps 10" in text
+        assert "exit 1" not in text
 
 
 def test_cli_renders_and_refuses_bad_input(tmp_path):
@@ -63,6 +65,10 @@ def test_cli_renders_and_refuses_bad_input(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "slurm",
                           "--gpus-per-node", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "torchrun needs" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "distributed_muon.launch.cli", "slurm",
+                          "--backend", "megatron", "--gpus-per-node", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "GPU nodes only" in bad.stderr
 
 
 def _submit(tmp_path: Path, name: str, train_args: list[str], style: str = "srun") -> str:

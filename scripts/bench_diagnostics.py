@@ -2,6 +2,7 @@
 noise probe's work (squared norms of the local and the averaged gradient), one process.
 
     python scripts/bench_diagnostics.py [--device cuda] [--d 1024 --hidden 4096 --layers 4]
+    python scripts/bench_diagnostics.py --nuclear   # <O, u> / ||u||_* per schedule and spectrum
 
 Times are medians over ``--repeat`` steps after ``--warmup`` (CUDA synchronized). On a logging
 step the optimizer adds, per owned batch, ``<O, u>`` and norms (O(m n) per matrix) and on one
@@ -73,6 +74,30 @@ def time_parts(model: TinyMoE, device: torch.device, warmup: int,
     return statistics.median(ns), statistics.median(diag)
 
 
+def nuclear_table() -> None:
+    """<O, u> / ||u||_* (SVD, float64) for NS schedules, dtypes, shapes and singular-value
+    spectra of u: how far the cheap nuclear-norm estimate is from the exact one."""
+    spectra = {"rank 1": lambda i: (i == 1).double(), "rank 4": lambda i: (i <= 4).double(),
+               "1/i": lambda i: 1 / i, "1/i^2": lambda i: 1 / i**2,
+               "flat": lambda i: torch.ones_like(i), "gaussian": None}
+    print(f"{'schedule':<14}{'dtype':<6}{'shape':<11}" + "".join(f"{k:>10}" for k in spectra))
+    for schedule in ("jordan", "polar_express"):
+        for dtype in ("fp32", "bf16"):
+            for m, n in ((64, 64), (160, 480), (320, 160), (1024, 1024)):
+                gen = torch.Generator().manual_seed(0)
+                g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+                u_, _, vh = torch.linalg.svd(g, full_matrices=False)
+                i = torch.arange(1, min(m, n) + 1).double()
+                row = []
+                for make in spectra.values():
+                    u = (g if make is None else u_ @ torch.diag(make(i)) @ vh).float()
+                    o = orthogonalize(u[None], schedule, 5, dtype)
+                    dot = float(matrix_stats(u[None], o)[0, 1])
+                    row.append(dot / float(torch.linalg.matrix_norm(u.double(), "nuc")))
+                print(f"{schedule:<14}{dtype:<6}{f'{m}x{n}':<11}"
+                      + "".join(f"{v:>10.3f}" for v in row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -82,7 +107,11 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--nuclear", action="store_true", help="print the <O,u> / ||u||_* table")
     args = ap.parse_args()
+    if args.nuclear:
+        nuclear_table()
+        return
     device = torch.device(args.device)
     cfg = ModelConfig(d=args.d, hidden=args.hidden, layers=args.layers, experts=args.experts)
     model = TinyMoE(cfg).to(device)

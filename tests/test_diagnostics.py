@@ -364,6 +364,8 @@ def test_dmuon_lr_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("dmuon lr:") and "--diagnostics-every" in err and "\n" not in err
     assert main(["lr", str(tmp_path / "missing"), "--batch", "32"]) == 2
     assert main(["lr", str(run), "--batch", "0"]) == 2
+    assert main(["train", "--diagnostics-every", "-1"]) == 2
+    assert "--diagnostics-every" in capsys.readouterr().err
 
 
 def test_dmuon_train_logs_diagnostics(tmp_path):

@@ -142,8 +142,9 @@ class Unit:
         return self.layouts[rank]
 
 
-def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
-    """``torch.chunk``'s ``[start, stop)`` of chunk ``index`` of ``size`` in ``parts``."""
+def chunk(size: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``index`` when ``torch.chunk`` splits ``size`` in ``parts``
+    (FSDP2's ``Shard`` rule; `distributed_muon.integrations.fsdp2` uses it too)."""
     step = -(-size // parts)
     return min(index * step, size), min((index + 1) * step, size)
 
@@ -210,7 +211,7 @@ def _data_parallel(params: list[ModelParam], layout: ParallelLayout, stage: int)
             elif p.expert and layout.ep > 1:
                 rows.extend(_ep_expert_rows(r, replica, idx, spec, layout.ep, shard))
             else:
-                lo, hi = _chunk(spec.shape[0], shard, idx)
+                lo, hi = chunk(spec.shape[0], shard, idx)
                 inner = spec.experts * spec.rows * spec.cols // spec.shape[0]
                 if hi > lo:
                     rows.append(_flat(r, replica, spec, lo * inner, hi * inner))
@@ -230,11 +231,11 @@ def _ep_expert_rows(rank: int, replica: int, idx: int, spec: MatrixSpec, ep: int
     first = e_rank * local
     m, n = spec.rows, spec.cols
     if local >= fsdp:
-        lo, hi = _chunk(local, fsdp, f_rank)
+        lo, hi = chunk(local, fsdp, f_rank)
         if hi <= lo:
             return []
         return [_flat(rank, replica, spec, (first + lo) * m * n, (first + hi) * m * n)]
-    lo, hi = _chunk(m, fsdp, f_rank)
+    lo, hi = chunk(m, fsdp, f_rank)
     if hi <= lo:
         return []
     per = (hi - lo) * n

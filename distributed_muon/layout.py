@@ -257,7 +257,8 @@ class ShardLayout:
                                first, p))
         self.table = (np.concatenate(chunks) if chunks
                       else np.zeros((0, len(PIECE_COLUMNS)), dtype=np.int64))
-        self.ptr = np.searchsorted(self.table[:, P_MATRIX], np.arange(len(self.matrices) + 1))
+        counts = np.bincount(self.table[:, P_MATRIX], minlength=len(self.matrices))
+        self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.pieces = _Pieces(self.table, self.ptr)
         for p, spec in enumerate(self.specs):
             if not _tiles(np.asarray(tables[p], dtype=np.int64).reshape(-1, 9), spec):
@@ -339,7 +340,9 @@ def params_digest(specs: Sequence[MatrixSpec], keys: Sequence[Hashable]) -> str:
 def split_by_param(per_rank: Sequence[np.ndarray], params: int) -> list[np.ndarray]:
     """Rows ``(param, *region)`` of every rank (rank order) -> one region table per param."""
     rows = (np.concatenate(per_rank) if per_rank else np.zeros((0, 10), dtype=np.int64))
-    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    # Stable, so each parameter's rows stay in rank order; 16-bit keys sort by radix, O(rows).
+    keys = rows[:, 0].astype(np.uint16 if params < 2**16 else np.int64)
+    rows = rows[np.argsort(keys, kind="stable")]
     bounds = np.searchsorted(rows[:, 0], np.arange(params + 1))
     return [rows[bounds[p]:bounds[p + 1], 1:] for p in range(params)]
 

@@ -17,14 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from distributed_muon.cluster import chunk as _chunk  # the one torch.chunk rule (dmuon plan too)
 from distributed_muon.layout import Block, Region
 from distributed_muon.params import MatrixSpec
-
-
-def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
-    """``[start, stop)`` of chunk ``index`` when ``torch.chunk`` splits ``size`` in ``parts``."""
-    step = -(-size // parts)
-    return min(index * step, size), min((index + 1) * step, size)
 
 
 class DTensorSharding:

@@ -54,7 +54,8 @@ class NoiseScale:
                big: float) -> dict[str, float]:
         """Add one step's squared norms (``[len(names)]``); returns the smoothed scalars:
         ``<name>/b_simple``, ``<name>/grad_sq`` (``|G|^2``), ``<name>/trace_cov``
-        (``tr(Sigma)``), and this step's unsmoothed ``<name>/b_simple_step``."""
+        (``tr(Sigma)``), and this step's own ``<name>/b_simple_step``, ``<name>/grad_sq_step``
+        and ``<name>/trace_cov_step`` (to average over any window later)."""
         g2, trace = two_batch_estimates(small_sq.double().cpu(), big_sq.double().cpu(),
                                         small, big)
         self._g2.mul_(self.beta).add_(g2, alpha=1 - self.beta)
@@ -70,4 +71,6 @@ class NoiseScale:
             out[f"{name}/trace_cov"] = trace_avg
             out[f"{name}/b_simple_step"] = (float(trace[i] / g2[i]) if float(g2[i]) > 0
                                             else math.nan)
+            out[f"{name}/grad_sq_step"] = float(g2[i])
+            out[f"{name}/trace_cov_step"] = float(trace[i])
         return out

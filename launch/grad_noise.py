@@ -38,15 +38,17 @@ class NoiseProbe:
     """Sums per key on one rank; ``keys`` ends with `MODEL`.
 
     ``local_batch`` and ``global_batch`` are the two batch sizes (sequences); ``every`` the
-    logging period in steps; ``beta`` the smoothing (`NoiseScale`).
+    logging period in steps; ``beta`` the smoothing per logging step (`NoiseScale`), by
+    default ``0.95 ** every``: the same time constant (about 20 training steps) whatever the
+    period, short enough to follow the noise scale as it grows during training.
     """
 
     def __init__(self, keys: list[str], local_batch: int, global_batch: int, every: int,
-                 device: torch.device, beta: float = 0.9) -> None:
+                 device: torch.device, beta: float | None = None) -> None:
         self.keys, self.index = keys, {k: i for i, k in enumerate(keys)}
         self.small, self.big, self.every = local_batch, global_batch, every
         self.device = device
-        self.scale = NoiseScale(keys, beta)
+        self.scale = NoiseScale(keys, 0.95 ** max(every, 1) if beta is None else beta)
         self.active = False
         self.seconds = 0.0  # the probe's own time on this logging step
         self._local = torch.zeros(len(keys), dtype=torch.float64, device=device)

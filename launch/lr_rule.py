@@ -11,10 +11,12 @@ learning rate ``eta_0`` as the best one at its batch ``B_0`` gives
 
     eta*(B) = eta_0 sqrt((1 + B_simple / B_0) / (1 + B_simple / B)).
 
-``B_simple`` is read from the run's ``metrics.jsonl`` (``noise/<key>/b_simple``, written by
-``dmuon train --diagnostics-every N`` on 2 or more ranks): the median of the smoothed values
-of the last quarter of the run's logging steps, because the noise scale grows as training
-goes on and the late value is the one a longer run at the new batch size lives with.
+``B_simple`` is read from the run's ``metrics.jsonl`` (written by ``dmuon train
+--diagnostics-every N`` on 2 or more ranks): over the last quarter of the run's logging
+steps, the mean of the per-step ``tr(Sigma)`` estimates over the mean of the per-step
+``|G|^2`` estimates (a ratio of averages, as McCandlish et al. smooth; each step's own ratio
+is too noisy), because the noise scale grows as training goes on and the late value is the
+one a longer run at the new batch size lives with.
 """
 
 from __future__ import annotations
@@ -51,20 +53,26 @@ def load_run(run: Path, key: str = "model") -> dict:
     if "batch" not in summary:
         raise ValueError(f"{summary_file} has no batch size (written by an older dmuon "
                          "train): rerun the training")
-    field = f"noise/{key}/b_simple"
-    steps, values = [], []
+    g2_field, trace_field = f"noise/{key}/grad_sq_step", f"noise/{key}/trace_cov_step"
+    steps, g2, trace = [], [], []
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
-        if field in record and math.isfinite(record[field]):
+        if g2_field in record and trace_field in record:
             steps.append(record["step"])
-            values.append(record[field])
-    if not values:
-        raise ValueError(f"{metrics_file} has no {field}: train with --diagnostics-every N on "
-                         "2 or more ranks (the noise scale compares the ranks' gradients)")
-    last = values[-max(1, len(values) // 4):]
+            g2.append(record[g2_field])
+            trace.append(record[trace_field])
+    if not steps:
+        raise ValueError(f"{metrics_file} has no {g2_field}: train with --diagnostics-every N "
+                         "on 2 or more ranks (the noise scale compares the ranks' gradients)")
+    n = max(1, len(steps) // 4)
+    g2_mean, trace_mean = statistics.fmean(g2[-n:]), statistics.fmean(trace[-n:])
+    if not g2_mean > 0:
+        raise ValueError(f"{metrics_file}: the estimated |G|^2 of {key} over steps "
+                         f"{steps[-n]}-{steps[-1]} is not positive (gradient noise dominates): "
+                         "train longer or log more often")
     return {"lr": summary["lr"], "batch": summary["batch"], "seq": summary.get("seq"),
-            "b_simple": statistics.median(last), "from_steps": (steps[-len(last)], steps[-1]),
-            "logged": len(values)}
+            "b_simple": trace_mean / g2_mean, "from_steps": (steps[-n], steps[-1]),
+            "logged": len(steps)}
 
 
 def report(run: Path, batches: list[int], key: str = "model") -> str:
@@ -76,8 +84,9 @@ def report(run: Path, batches: list[int], key: str = "model") -> str:
     tokens = f" = {bs * info['seq']:.0f} tokens" if info.get("seq") else ""
     lines = [
         f"run {run}: peak lr {lr0:g} at batch {b0} sequences",
-        f"B_simple ({key}) = {bs:.3g} sequences{tokens} (median of the smoothed values at "
-        f"steps {info['from_steps'][0]}-{info['from_steps'][1]}, {info['logged']} logged)",
+        f"B_simple ({key}) = {bs:.3g} sequences{tokens} (mean tr(Sigma) / mean |G|^2 at "
+        f"the logging steps {info['from_steps'][0]}-{info['from_steps'][1]}, of "
+        f"{info['logged']})",
         f"eta_max = {lr0 * math.sqrt(1 + bs / b0):.4g}   rule: eta*(B) = eta_max / "
         "sqrt(1 + B_simple / B)",
         "",

@@ -325,12 +325,14 @@ def test_noise_scale_from_ranks_ddp_and_fsdp2(world):
 # ---------------------------------------------------------------- dmuon lr
 
 
-def _fixture_run(folder, b_simple_values, lr=0.02, batch=16):
+def _fixture_run(folder, estimates, lr=0.02, batch=16):
+    """A run folder with per-step (|G|^2, tr(Sigma)) estimates logged every 10 steps."""
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps({"lr": lr, "batch": batch, "seq": 64}))
-    lines = [{"step": s, "loss": 3.0} for s in range(1, 41)]
-    for i, value in enumerate(b_simple_values):
-        lines[10 * i + 9]["noise/model/b_simple"] = value
+    lines = [{"step": s, "loss": 3.0} for s in range(1, 81)]
+    for i, (g2, trace) in enumerate(estimates):
+        lines[10 * i + 9].update({"noise/model/grad_sq_step": g2,
+                                  "noise/model/trace_cov_step": trace})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
@@ -338,7 +340,8 @@ def test_dmuon_lr_on_a_fixture_run(tmp_path, capsys):
     from distributed_muon.launch.cli import main
 
     run = tmp_path / "run"
-    _fixture_run(run, [5.0, 20.0, 30.0, 32.0])  # the last quarter: the last value, 32
+    # the last quarter (2 of 8): mean tr(Sigma) 48 / mean |G|^2 1.5 = 32
+    _fixture_run(run, [(9.0, 9.0)] * 6 + [(1.0, 40.0), (2.0, 56.0)])
     assert main(["lr", str(run), "--batch", "4", "16", "128"]) == 0
     out = capsys.readouterr().out
     assert "B_simple (model) = 32 sequences = 2048 tokens" in out

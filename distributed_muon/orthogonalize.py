@@ -73,9 +73,10 @@ GRAM_RESTART = 2
 GRAM_MIN_ASPECT = 1.5
 
 # kernel="auto" runs the symmetric products by the Triton kernel on CUDA (bf16/fp16) when the
-# m x m result has at least this many rows; below it torch's matmul is as fast or faster.
-# Measured per GPU with `scripts/bench_ns.py --kernels` (docs/benchmarks.md); the environment
-# variable DMUON_SYMMETRIC_MIN_SIZE overrides it (a huge value turns the kernel off).
+# m x m result has at least this many rows, where half the tiles should beat torch's full
+# product. Provisional: not yet measured on a GPU; `scripts/bench_ns.py --products` prints
+# the size from which the kernel wins. The environment variable DMUON_SYMMETRIC_MIN_SIZE
+# overrides it (a huge value turns the kernel off).
 SYMMETRIC_MIN_SIZE = int(os.environ.get("DMUON_SYMMETRIC_MIN_SIZE", "2048"))
 KERNELS = ("auto", "torch", "triton")
 
@@ -191,8 +192,12 @@ def _symmetric_module() -> ModuleType | None:
     """`distributed_muon.symmetric`, or None where Triton is not installed."""
     if importlib.util.find_spec("triton") is None:
         return None
-    from distributed_muon import symmetric
-
+    try:
+        from distributed_muon import symmetric
+    except Exception as e:  # noqa: BLE001 - a Triton this module cannot use: torch then
+        logger.warning("the Triton symmetric-product kernel is unavailable (%s: %s)",
+                       type(e).__name__, e)
+        return None
     return symmetric
 
 

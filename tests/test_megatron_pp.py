@@ -1,0 +1,123 @@
+"""Pipeline parallelism: each stage's optimizer covers its own parameters and its collectives
+stay inside the stage (4 gloo ranks, PP=2 x DP=2, real megatron-core parallel state).
+
+The two stages hold different layers. Each stage builds `MegatronMuon` over Megatron's own
+param groups of its chunk, stepping fp32 main shards split over its data-parallel ranks (as
+Megatron's distributed optimizer does); the exchange group must be the stage's, and the result
+equal a single-process `DistributedMuon` on that stage's full matrices.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+pytest.importorskip("megatron.core")
+
+PP, WORLD, STEPS, LR, WD = 2, 4, 2, 0.02, 0.1
+SHAPES = {0: {"fc1.weight": (12, 8), "fc2.weight": (8, 12), "norm.weight": (8,)},
+          1: {"proj.weight": (10, 8), "gate.weight": (6, 10), "bias": (10,)}}
+
+
+def full_tensors(stage):
+    gen = torch.Generator().manual_seed(10 + stage)
+    params = {n: torch.randn(s, generator=gen) for n, s in SHAPES[stage].items()}
+    grads = [{n: torch.randn(s, generator=gen) for n, s in SHAPES[stage].items()}
+             for _ in range(STEPS)]
+    return params, grads
+
+
+def _worker(rank, world):
+    import torch.distributed as dist
+    from distributed_muon.integrations.megatron import MegatronSharding
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from test_megatron import _flat_ranges
+
+    ps.initialize_model_parallel(pipeline_model_parallel_size=PP)
+    try:
+        stage = ps.get_pipeline_model_parallel_rank()
+        params, grads = full_tensors(stage)
+        model = torch.nn.Module()
+        for name, value in params.items():
+            owner = model
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, torch.nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+        names = dict(model.named_parameters())
+        sharding = MegatronSharding(model)
+        groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
+        opt = MegatronMuon(groups, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
+                           comm_dtype="fp32")
+        dp = ps.get_data_parallel_group()
+        flat = [p for g in opt.param_groups for p in g["params"]]
+        ranges = _flat_ranges(flat, dist.get_world_size(dp), dist.get_rank(dp))
+        span_of = dict(zip(map(id, flat), ranges))
+        name_of = {id(p): n for n, p in names.items()}
+        mains, held = [], {}
+        for g in opt.param_groups:
+            pairs = []
+            for p in g["params"]:
+                span = span_of[id(p)]
+                main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
+                pairs.append((main, span))
+                if main is not None:
+                    held[name_of[id(p)]] = (span, main)
+            g["params"] = [m for m, _ in pairs if m is not None]
+            mains.append(pairs)
+        opt.bind(mains, dp)
+        for g in grads:
+            for name, (span, main) in held.items():
+                main.grad = g[name].reshape(-1)[span[0]:span[1]].clone()
+            opt.step()
+        return {"stage": stage, "group": sorted(dist.get_process_group_ranks(sharding.group)),
+                "stage_ranks": sorted(dist.get_process_group_ranks(
+                    ps.get_tensor_and_data_parallel_group(with_context_parallel=True))),
+                "ns": opt.ns_matrices,
+                "shards": {n: (span, main.detach().clone()) for n, (span, main) in held.items()}}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def single_process(stage):
+    from distributed_muon import DistributedMuon
+
+    params, grads = full_tensors(stage)
+    ps = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DistributedMuon([
+        {"params": [p for p in ps.values() if p.ndim == 2]},
+        {"params": [p for p in ps.values() if p.ndim == 1], "use_muon": False},
+    ], lr=LR, weight_decay=WD, ns_dtype="fp32", comm_dtype="fp32")
+    for g in grads:
+        for n, p in ps.items():
+            p.grad = g[n].clone()
+        opt.step()
+    return {n: p.detach() for n, p in ps.items()}
+
+
+def test_each_stage_steps_its_own_parameters_inside_the_stage():
+    results = run_ranks(WORLD, _worker, timeout=240)
+    for res in results:
+        # The exchange never leaves the stage: its group is the stage's TP x DP group.
+        assert res["group"] == res["stage_ranks"] and len(res["group"]) == WORLD // PP
+    groups = {tuple(res["group"]) for res in results}
+    assert len(groups) == PP and not set(groups.pop()) & set(groups.pop())
+    covered = {}
+    for res in results:
+        want, (start, _) = single_process(res["stage"]), full_tensors(res["stage"])
+        for name, ((s, e), mine) in res["shards"].items():
+            ref = want[name].reshape(-1)[s:e]
+            p0 = start[name].reshape(-1)[s:e]
+            assert float((mine - ref).norm() / (ref - p0).norm()) < 1e-5, (res["stage"], name)
+            covered[(res["stage"], name)] = covered.get((res["stage"], name), 0) + e - s
+    for stage, shapes in SHAPES.items():
+        for name, shape in shapes.items():
+            assert covered[(stage, name)] == torch.Size(shape).numel()
+    # 2 matrices per stage, each once per step within its stage.
+    for stage in range(PP):
+        assert sum(r["ns"] for r in results if r["stage"] == stage) == 2 * STEPS

@@ -63,17 +63,27 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters
     return statistics.median(times)
 
 
-# A table entry's key: the shape as (min, max) (NS transposes to the wide side) and what decides
-# the speed: the path taken (Gram only where it runs), steps, the restart of a Gram path, dtype.
+# A table entry's key: what decides the speed. The shape as given: NS works on a tall matrix
+# through its transposed view, which runs at another speed than the wide matrix of the same
+# sides (measured on H200 at N=4: ranks owning 8192x2048 matrices 491-504 TFLOP/s, those
+# owning 2048x8192 ones 531-538, docs/benchmarks.md). Then the path taken (Gram only where it
+# runs), steps, the restart of a Gram path, and the dtype.
 Key = tuple[int, int, str, int, int, str]
 
 
 def cost_key(m: int, n: int, options: NSOptions) -> Key:
-    a, b = min(m, n), max(m, n)
-    gram = options.method == "gram" and gram_is_cheaper(a, b, options.steps, options.restart)
+    gram = options.method == "gram" and gram_is_cheaper(m, n, options.steps, options.restart)
     dtype = str(options.dtype).removeprefix("torch.")
-    return (a, b, "gram" if gram else "standard", options.steps,
+    return (m, n, "gram" if gram else "standard", options.steps,
             options.restart if gram else 0, dtype)
+
+
+def _distance(a: Key, b: Key) -> float:
+    """How unlike two shapes are for speed: log-distance of their sides, plus a little for the
+    other orientation (so the transposed shape is the nearest one, before any other size)."""
+    (a_lo, a_hi), (b_lo, b_hi) = sorted(a[:2]), sorted(b[:2])
+    flipped = (a[0] > a[1]) != (b[0] > b[1])
+    return math.log(a_lo / b_lo) ** 2 + math.log(a_hi / b_hi) ** 2 + 0.01 * flipped
 
 
 def device_name(device: torch.device | str) -> str:
@@ -89,7 +99,7 @@ class CostTable:
 
     Called as an `NSCost`: a measured key gives its seconds; an unmeasured shape with measured
     shapes of the same path, steps, restart and dtype gives its FLOPs at the FLOP rate of the
-    nearest of them (log-distance of the sides); anything else is a `KeyError` that says how to
+    nearest of them (`_distance`); anything else is a `KeyError` that says how to
     measure it. ``batch`` is how many matrices of a shape each timed call orthogonalized
     together (the seconds are per matrix): owners batch same-shape matrices too.
     """
@@ -110,8 +120,7 @@ class CostTable:
                 f"the NS cost table for {self.device} has no {key[2]} entry with {key[3]} steps "
                 f"in {key[5]}: measure one for these options (python scripts/bench_ns.py "
                 "--cost-table PATH --shapes ...)")
-        near = min(alike, key=lambda k: (math.log(k[0] / key[0]) ** 2
-                                         + math.log(k[1] / key[1]) ** 2, k))
+        near = min(alike, key=lambda k: (_distance(k, key), k))
         rate = _flops(near) / self.seconds[near]
         return _flops(key) / rate
 
@@ -148,7 +157,7 @@ class CostTable:
         if table.device != device_name(device):
             table = cls(device_name(device))  # another device's speeds do not carry over
         options = list(options)
-        missing = {(min(m, n), max(m, n)) for m, n in shapes
+        missing = {(m, n) for m, n in shapes
                    if any(cost_key(m, n, o) not in table.seconds for o in options)}
         if missing:
             new = measure(sorted(missing), options, device, batch=table.batch, **measure_kw)

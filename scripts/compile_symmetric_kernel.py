@@ -20,10 +20,12 @@ from triton.compiler import ASTSource
 
 from distributed_muon import symmetric
 
-# The products NS runs: X X^T (B = X.mT: unit stride along k), b A + c A A (+ a I) of a
-# contiguous symmetric A; D and C are contiguous.
+# The products NS runs: X X^T (B = X.mT: unit stride along k; for a tall matrix NS works on
+# its transposed view, unit stride along m), b A + c A A (+ a I) of a contiguous symmetric A;
+# D and C are contiguous.
 CASES = {
     "X X^T": (("s_ak", "s_bk", "s_dn", "s_cn"), False, False),
+    "X X^T, tall X": (("s_am", "s_bn", "s_dn", "s_cn"), False, False),
     "bA + cAA": (("s_ak", "s_bn", "s_dn", "s_cn"), True, False),
     "aI + bA + cAA": (("s_ak", "s_bn", "s_dn", "s_cn"), True, True),
 }

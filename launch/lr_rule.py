@@ -32,7 +32,10 @@ measured late in this run holds at the new batch size (it grows during training,
 prediction is for a run of similar length in tokens); (3) the rule's mean-field form:
 per-sample gradient noise of similar size in every direction (B_simple uses only its
 trace); (4) everything else (schedule, warmup, weight decay, steps scaled to the same
-tokens) unchanged. The plain sqrt(B) and linear rules are shown for comparison."""
+tokens) unchanged. The plain sqrt(B) and linear rules are shown for comparison.
+On a small MoE the rule's shape held but the late-run B_simple over-predicted how
+much the best lr grows with batch size (docs/science.md): read the rule's column as
+an upper bound on the change."""
 
 
 def predicted_lr(lr0: float, batch0: float, b_simple: float, batch: float) -> float:

@@ -121,3 +121,124 @@ def test_each_stage_steps_its_own_parameters_inside_the_stage():
     # 2 matrices per stage, each once per step within its stage.
     for stage in range(PP):
         assert sum(r["ns"] for r in results if r["stage"] == stage) == 2 * STEPS
+
+
+def _bind(model, groups, dp, size, rank):
+    """`MegatronMuon` over ``groups`` with main shards cut as a distributed optimizer of
+    ``size`` ranks cuts them (this rank: ``rank``); returns it and ``{name: (span, main)}``."""
+    from distributed_muon.integrations.megatron import MegatronSharding
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
+    from test_megatron import _flat_ranges
+
+    opt = MegatronMuon(groups, MegatronSharding(model), lr=LR, weight_decay=WD,
+                       ns_dtype="fp32", comm_dtype="fp32")
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    span_of = dict(zip(map(id, flat), _flat_ranges(flat, size, rank)))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    mains, held = [], {}
+    for g in opt.param_groups:
+        pairs = []
+        for p in g["params"]:
+            span = span_of[id(p)]
+            main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
+            pairs.append((main, span))
+            if main is not None:
+                held[name_of[id(p)]] = (span, main)
+        g["params"] = [m for m, _ in pairs if m is not None]
+        mains.append(pairs)
+    opt.bind(mains, dp)
+    return opt, held
+
+
+def _model(stage):
+    params, _ = full_tensors(stage)
+    model = torch.nn.Module()
+    model.fc1, model.fc2, model.norm = (torch.nn.Module() for _ in range(3))
+    for name, value in params.items():
+        owner, leaf = name.split(".")
+        getattr(model, owner).register_parameter(leaf, torch.nn.Parameter(value.clone()))
+    return model
+
+
+def _reshard_worker(rank, world):
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from distributed_muon.integrations.megatron_optimizer import _model_space_checkpoints
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    ps.initialize_model_parallel()  # DP = 4
+    try:
+        dp = ps.get_data_parallel_group()
+        _, grads = full_tensors(0)
+
+        def model_sd(model):
+            return {n: ShardedTensor.from_rank_offsets(f"model.{n}", p,
+                                                       replica_id=(0, 0, dist.get_rank(dp)))
+                    for n, p in model.named_parameters()}
+
+        def build(group):
+            model = _model(0)
+            groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
+            opt, held = _bind(model, groups, group, dist.get_world_size(group),
+                              dist.get_rank(group))
+            wrapper = SimpleNamespace()
+            _model_space_checkpoints(wrapper, opt, group)
+            return model, opt, held, wrapper
+
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        model, opt, held, wrapper = build(dp)  # saved by a DP=4 distributed optimizer
+        for g in grads:
+            for name, (span, main) in held.items():
+                main.grad = g[name].reshape(-1)[span[0]:span[1]].clone()
+            opt.step()
+        saved = wrapper.sharded_state_dict(model_sd(model))
+        # Loaded by DP=2 distributed optimizers (ranks 0-1 and 2-3, one copy each).
+        model, opt, held, wrapper = build(halves[rank // 2])
+        wanted = wrapper.sharded_state_dict(model_sd(model), is_loading=True)
+        # What Megatron's load returns for the same checkpoint keys (its file I/O needs CUDA
+        # in megatron-core 0.16; the GPU test runs it): the saved tensors, by key.
+        by_key = {sh.key: sh.data for sh in saved["param_state"].values()}
+        assert {sh.key for sh in wanted["param_state"].values()} == set(by_key)
+        loaded = {**saved, "param_state": {entry: by_key[sh.key].clone()
+                                           for entry, sh in wanted["param_state"].items()}}
+        wrapper.load_state_dict(loaded)
+        out = {}
+        for name, (span, main) in held.items():
+            state = {k: v.clone() for k, v in opt.state[main].items() if v.ndim}
+            out[name] = (span, main.detach().clone(), state)
+        return {"shards": out, "steps": opt.steps}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_distributed_optimizer_checkpoint_loads_at_another_dp_size():
+    """The adapter's distributed-optimizer checkpoint state, saved by a DP=4 distributed
+    optimizer and loaded where DP=2 cuts the shards otherwise: every main value and state
+    tensor equals the single-process run's (the state is in model space, keyed like the model's
+    sharded tensors, not in the saver's shards)."""
+    from distributed_muon import DistributedMuon
+
+    results = run_ranks(WORLD, _reshard_worker, timeout=240)
+    params, grads = full_tensors(0)
+    ps = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    ref = DistributedMuon([
+        {"params": [p for p in ps.values() if p.ndim == 2]},
+        {"params": [p for p in ps.values() if p.ndim == 1], "use_muon": False},
+    ], lr=LR, weight_decay=WD, ns_dtype="fp32", comm_dtype="fp32")
+    for g in grads:
+        for n, p in ps.items():
+            p.grad = g[n].clone()
+        ref.step()
+    for res in results:
+        assert res["steps"] == STEPS
+        assert res["shards"]  # every rank holds part of the parameters at DP=2
+        for name, ((s, e), main, state) in res["shards"].items():
+            want = ref.state[ps[name]]
+            assert torch.allclose(main, ps[name].detach().reshape(-1)[s:e], atol=1e-6), name
+            keys = {"momentum_buffer"} if ps[name].ndim == 2 else {"exp_avg", "exp_avg_sq"}
+            assert set(state) == keys, (name, set(state))
+            for key in keys:
+                assert torch.allclose(state[key], want[key].reshape(-1)[s:e], atol=1e-6)

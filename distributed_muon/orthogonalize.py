@@ -73,11 +73,11 @@ GRAM_RESTART = 2
 GRAM_MIN_ASPECT = 1.5
 
 # kernel="auto" runs the symmetric products by the Triton kernel on CUDA (bf16/fp16) when the
-# m x m result has at least this many rows, where half the tiles should beat torch's full
-# product. Provisional: not yet measured on a GPU; `scripts/bench_ns.py --products` prints
-# the size from which the kernel wins. The environment variable DMUON_SYMMETRIC_MIN_SIZE
-# overrides it (a huge value turns the kernel off).
-SYMMETRIC_MIN_SIZE = int(os.environ.get("DMUON_SYMMETRIC_MIN_SIZE", "2048"))
+# m x m result has at least this many rows. Measured on one H100 (docs/benchmarks.md,
+# `scripts/bench_ns.py --products`): the kernel beats torch's full product on both products
+# only from m = 8192; below, its fixed cost (~0.1 ms) loses. The environment variable
+# DMUON_SYMMETRIC_MIN_SIZE overrides it (a huge value turns the kernel off).
+SYMMETRIC_MIN_SIZE = int(os.environ.get("DMUON_SYMMETRIC_MIN_SIZE", "8192"))
 KERNELS = ("auto", "torch", "triton")
 
 

@@ -3,7 +3,9 @@
 Longest-processing-time-first on the Newton-Schulz cost model, deterministic from layout
 metadata alone, so every rank computes the same plan without communicating. A matrix that one
 rank holds whole, with no other replica (an expert whose shard holds it entirely), is pinned
-to that rank: it is orthogonalized where it lies and never crosses the network.
+to that rank: it is orthogonalized where it lies and never crosses the network. A matrix that
+several ranks hold whole, one per replica (experts under HSDP), goes to the least loaded of
+them: only its update travels, to the other replicas.
 
 The plan reads the layout's piece table (one integer row per piece) with vectorized
 operations, never one Python object per piece: at thousands of ranks a layout has millions of
@@ -72,12 +74,23 @@ class OwnershipPlan:
                 owner[mid] = i % world
                 load[owner[mid]] += costs[mid]
         else:
+            whole = whole_holders(layout)
             heap = [(load[r], r) for r in range(world)]
             heapq.heapify(heap)
             for mid in sorted(free, key=lambda i: (-costs[i], i)):
-                rank_load, rank = heapq.heappop(heap)
+                ranks = whole.get(mid)
+                if ranks is not None and len(ranks) < world:
+                    # Some ranks hold the whole matrix (one per replica): the least loaded of
+                    # them computes it, so it never travels to its owner.
+                    rank = min(ranks, key=lambda r: (load[r], r))
+                else:
+                    while True:  # entries whose load is outdated were superseded: skip them
+                        rank_load, rank = heapq.heappop(heap)
+                        if rank_load == load[rank]:
+                            break
                 owner[mid] = rank
-                heapq.heappush(heap, (rank_load + costs[mid], rank))
+                load[rank] += costs[mid]
+                heapq.heappush(heap, (load[rank], rank))
         return cls.from_owners(layout, owner, costs)
 
     @classmethod
@@ -154,6 +167,21 @@ def pinned_holders(layout: ShardLayout) -> np.ndarray:
     rank_lo, rank_hi = _segment_min_max(t[:, P_RANK], layout.ptr)
     rep_lo, rep_hi = _segment_min_max(t[:, P_REPLICA], layout.ptr)
     return np.where((rank_lo == rank_hi) & (rep_lo == rep_hi), rank_lo, -1)
+
+
+def whole_holders(layout: ShardLayout) -> dict[int, list[int]]:
+    """Matrix -> the ranks that hold all of it in one piece (of some replica), for matrices
+    that have such ranks (whole experts under HSDP, every matrix under DDP)."""
+    t = layout.table
+    if not len(t):
+        return {}
+    mats = t[:, P_MATRIX]
+    numel = np.array([m.m * m.n for m in layout.matrices], dtype=np.int64)
+    full = t[(t[:, P_STOP] - t[:, P_START]) == numel[mats]]
+    out: dict[int, list[int]] = {}
+    for mid, rank in full[:, [P_MATRIX, P_RANK]].tolist():
+        out.setdefault(mid, []).append(rank)
+    return out
 
 
 def _sources(layout: ShardLayout, owner: Sequence[int]) -> tuple[int, ...]:

@@ -243,3 +243,16 @@ def test_run_plan_takes_params_directly():
     result = run_plan(cfg, params_from_config(TINY))
     assert result["strategies"][0]["ns_flops_max"] == TOTAL / 2
     assert result["muon_values"] == VALUES
+
+
+def test_hsdp_whole_matrices_go_to_a_holder():
+    # HSDP 2 x 2: each expert lies whole on one rank of each replica. LPT picks the least
+    # loaded holder, so nothing travels to the owners; the update goes to the other replica.
+    (unit,) = units([ModelParam("e", (4, 4, 6), 0, expert=True)],
+                    ParallelLayout("hsdp", 4, replicate=2))
+    layout = unit.layout(0)
+    plan = OwnershipPlan.build(layout, [1.0] * 4)
+    assert plan.owner == (0, 2, 1, 3)  # holders {0, 2}, {0, 2}, {1, 3}, {1, 3}
+    sent, recv = plan.flows(layout)
+    assert sent[:, 0].sum() == 0 and recv[:, 0].sum() == 0  # to owners: nothing
+    assert sent[:, 1].tolist() == [24] * 4  # to holders: one 4 x 6 expert to the other replica

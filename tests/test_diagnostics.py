@@ -191,7 +191,7 @@ def _count_collectives(rank, world):
 
 
 def test_one_small_collective_on_logging_steps_only():
-    world = 3  # uneven: 5 matrices over 3 ranks
+    world = 2  # uneven: 5 matrices over 2 ranks
     ranks = run_ranks(world, _count_collectives)
     on = [r[1] for r in ranks]
     for (steps_off, _, p_off), (steps_on, diag, p_on) in ranks:
@@ -286,13 +286,13 @@ def _noise_ranks(rank, world):
             fully_shard(model)
             wrapped, key_of = model, fsdp2_module_keys(model)
         keys = sorted(set(key_of.values())) + [MODEL]
-        probe = NoiseProbe(keys, LOCAL, LOCAL * world, 1, torch.device("cpu"), beta=0.95)
+        probe = NoiseProbe(keys, LOCAL, LOCAL * world, 1, torch.device("cpu"), beta=0.9)
         if backend == "ddp":
             hook_local_gradients(probe, model.named_parameters(), key_of)
         else:
             hook_fsdp2_reduce_scatter(probe, model)
         out = {}
-        for step in range(1, 151):
+        for step in range(1, 101):
             probe.begin(step)
             a = G + SIGMA * torch.randn(LOCAL, M, N)
             b = 3 * G + SIGMA / 2 * torch.randn(LOCAL, M, N)
@@ -309,7 +309,7 @@ def _noise_ranks(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_noise_scale_from_ranks_ddp_and_fsdp2(world):
     """Local gradients from DDP's parameter hooks and FSDP2's reduce-scatter input recover
-    the known B_simple within 15% (150 steps, EMA 0.95)."""
+    the known B_simple within 15% (100 steps, EMA 0.9)."""
     G = torch.randn(M, N, generator=torch.Generator().manual_seed(0))
     w_true = M * N * SIGMA**2 / float(G.norm() ** 2)
     v_true = M * N * (SIGMA / 2) ** 2 / float((3 * G).norm() ** 2)

@@ -309,6 +309,11 @@ def check_supported(config: Any) -> None:
     for attr, message in refusals.items():
         if getattr(config, attr, False):
             raise ValueError(message)
+    scalar = getattr(config, "muon_scalar_optimizer", "adam")
+    if scalar != "adam":
+        raise ValueError(f"--muon-scalar-optimizer {scalar} is not supported with --optimizer "
+                         "dmuon: its non-matrix parameters get AdamW (--muon-scalar-optimizer "
+                         "adam)")
 
 
 def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],

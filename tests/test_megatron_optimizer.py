@@ -67,6 +67,7 @@ def test_dmuon_flags_override():
     ("fp16", True, "use --bf16"),
     ("optimizer_cpu_offload", True, "--optimizer-cpu-offload"),
     ("muon_coefficient_type", "aol", "--muon-coefficient-type aol"),
+    ("muon_scalar_optimizer", "lion", "--muon-scalar-optimizer lion"),
 ])
 def test_unsupported_settings_fail_before_building(field, value, words):
     config = OptimizerConfig(optimizer="dmuon")

@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run's measured gradient noise scale: eta*(B) = eta_max / sqrt(1 + B_simple / B).")
     lr_rule.add_arguments(lr)
     lr.set_defaults(func=lr_rule.main)
+    from distributed_muon.launch.reporting import plot_command
+
+    redraw = sub.add_parser("plot", help="redraw a dmuon train run's plots from metrics.jsonl",
+                            description="Redraw loss.png and diagnostics.png in a dmuon train "
+                            "--out folder from its metrics.jsonl (also while it trains).")
+    redraw.add_argument("run", help="the --out folder of a dmuon train run")
+    redraw.set_defaults(func=plot_command)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

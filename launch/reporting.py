@@ -184,3 +184,30 @@ def plot_diagnostics(records: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_run(folder: Path) -> list[Path]:
+    """``dmuon plot``: redraw ``loss.png`` and (if it logged diagnostics) ``diagnostics.png``
+    from ``folder/metrics.jsonl``; returns the files written. ValueError names what is
+    missing."""
+    log = MetricsLog(folder / "metrics.jsonl", False)
+    if not log.path.is_file():
+        raise ValueError(f"{folder}: no metrics.jsonl; pass the --out folder of a dmuon train "
+                         "run (of --compare: its muon/ or adamw/ folder)")
+    records = log.read()
+    if not records:
+        raise ValueError(f"{log.path} is empty: the run has not finished a step yet")
+    summary = folder / "summary.json"
+    name = json.loads(summary.read_text()).get("optimizer", "run") if summary.is_file() \
+        else "run"
+    plot_losses({name: records}, folder / "loss.png")
+    written = [folder / "loss.png"]
+    if plot_diagnostics(records, folder / "diagnostics.png"):
+        written.append(folder / "diagnostics.png")
+    return written
+
+
+def plot_command(args) -> int:
+    for path in plot_run(Path(args.run)):
+        print(f"wrote {path}")
+    return 0

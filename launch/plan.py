@@ -76,6 +76,8 @@ class Cost:
     inter_bytes_max: float
     intra_bytes_mean: float
     inter_bytes_mean: float
+    # Per global rank (all stages): NS FLOPs, NS ms, bytes sent + received inside / across nodes.
+    per_rank: dict[str, list[float]]
 
 
 def layerwise_owners(layout: ShardLayout, costs: Sequence[float]) -> list[int]:
@@ -219,6 +221,9 @@ def predict(all_units: list[Unit], strategy: str, hw: Hardware, steps: int = 5,
         peak_floor_ms=max(stage_sum(c, "peak_floor_ms") for c in by_stage.values()),
         intra_bytes_max=float(intra.max()), inter_bytes_max=float(inter.max()),
         intra_bytes_mean=float(intra.mean()), inter_bytes_mean=float(inter.mean()),
+        per_rank={"ns_flops": flops.tolist(),
+                  "ns_ms": (flops / (hw.peak_tflops * 1e9 * hw.ns_efficiency)).tolist(),
+                  "intra_bytes": intra.tolist(), "inter_bytes": inter.tolist()},
     )
 
 

@@ -64,6 +64,8 @@ def test_plan_flops_and_bytes_equal_a_hand_computation():
     assert lpt.ns_flops_max == lpt.ns_flops_mean == TOTAL / 2
     assert lpt.imbalance == 1.0
     assert lpt.ns_ms == pytest.approx(TOTAL / 2 / (1e12 * 0.5) * 1e3)
+    assert lpt.per_rank["ns_flops"] == [TOTAL / 2] * 2
+    assert lpt.per_rank["ns_ms"] == pytest.approx([lpt.ns_ms] * 2)
     # Each rank sends the half of every matrix it does not own and receives the half of every
     # one it owns, and the reverse for the update: all VALUES, in bf16, per rank.
     assert lpt.intra_bytes_max == lpt.intra_bytes_mean == 2 * VALUES

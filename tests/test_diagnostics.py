@@ -388,3 +388,22 @@ def test_dmuon_train_logs_diagnostics(tmp_path):
     assert last["muon/blocks.0.attn.qkv.weight[0]/update_rms"] > 0
     assert "noise/blocks.0.moe.w_in/b_simple" in last and last["noise/seconds"] >= 0
     assert (out / "diagnostics.png").stat().st_size > 10_000
+
+
+def test_dmuon_plot_redraws_from_metrics(tmp_path, capsys):
+    from distributed_muon.launch.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 3.0 - 0.01 * s} for s in range(1, 21)]
+    for r in records[9::10]:
+        r.update({"noise/model/b_simple": 2.0, "noise/model/b_simple_step": 3.0,
+                  "muon/blocks.*.moe.w_in/nuclear_ratio": 4.0,
+                  "muon/blocks.*.moe.w_in/update_rms": 1e-3,
+                  "muon/rank0/time_ns": 0.1, "muon/rank0/time_update": 0.01})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["plot", str(run)]) == 0
+    assert "diagnostics.png" in capsys.readouterr().out
+    assert (run / "loss.png").stat().st_size > 10_000
+    assert (run / "diagnostics.png").stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "missing")]) == 2

@@ -202,7 +202,12 @@ def _data_parallel(params: list[ModelParam], layout: ParallelLayout, stage: int)
     shard = world // replicas
     specs = [_spec(p) for p in params]
     tables = []
+    done: dict[tuple, np.ndarray] = {}  # parameters of one shape share one (read-only) table
     for p, spec in zip(params, specs, strict=True):
+        key = (spec, p.expert)
+        if key in done:
+            tables.append(done[key])
+            continue
         rows = []
         for r in range(world):
             replica, idx = divmod(r, shard)
@@ -215,7 +220,8 @@ def _data_parallel(params: list[ModelParam], layout: ParallelLayout, stage: int)
                 inner = spec.experts * spec.rows * spec.cols // spec.shape[0]
                 if hi > lo:
                     rows.append(_flat(r, replica, spec, lo * inner, hi * inner))
-        tables.append(_rows(rows))
+        done[key] = _rows(rows)
+        tables.append(done[key])
     return [Unit(f"stage {stage}", stage, [p.name for p in params], specs, tables,
                  _group(layout, stage))]
 

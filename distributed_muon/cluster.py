@@ -11,7 +11,11 @@ is a routed-expert tensor, its tensor-parallel split). `ParallelLayout` names a 
   range per rank; ``zero3``: every parameter split evenly (padded), in sub-groups of
   ``sub_group_size`` values, each sub-group its own optimizer step (run one after another);
 - ``megatron``: tensor parallel (column-parallel rows, row-parallel columns), each
-  data-parallel copy a replica, the exchange over the stage's TP x DP ranks.
+  data-parallel copy a replica, the exchange over the stage's TP x DP ranks;
+- ``megatron_do``: the same with Megatron's distributed optimizer: each TP rank's parameters,
+  in one buffer in reverse order (one bucket: no ``--overlap-grad-reduce``), cut into one even
+  range per data-parallel rank; one replica over TP x DP (a parameter without TP split: one
+  per TP rank).
 
 Expert parallelism (``ep``): FSDP2/HSDP as torchtitan shards routed experts (experts split
 over the ``ep`` innermost ranks, then ``Shard(0)`` over experts, or ``Shard(1)`` over rows
@@ -37,7 +41,7 @@ import numpy as np
 from distributed_muon.layout import ShardLayout
 from distributed_muon.params import MatrixSpec
 
-LAYOUTS = ("ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3", "megatron")
+LAYOUTS = ("ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3", "megatron", "megatron_do")
 TP_SPLITS = (None, "col", "row")
 
 
@@ -75,7 +79,7 @@ class ParallelLayout:
                              ("sub_group_size", self.sub_group_size)):
             if value < 1:
                 raise ValueError(f"{label}={value}: must be at least 1")
-        if self.tp > 1 and self.kind != "megatron":
+        if self.tp > 1 and not self.kind.startswith("megatron"):
             raise ValueError(f"tp={self.tp} needs the megatron layout (FSDP2, ZeRO and DDP here "
                              "are data parallel only)")
         if self.replicate > 1 and self.kind != "hsdp":
@@ -88,7 +92,7 @@ class ParallelLayout:
             raise ValueError(f"data-parallel size {dp} is not a multiple of replicate="
                              f"{self.replicate}")
         shard = dp // self.replicate if self.kind == "hsdp" else dp
-        if self.kind == "megatron":
+        if self.kind.startswith("megatron"):
             shard = self.world // self.pp
         if self.ep > 1 and shard % self.ep:
             raise ValueError(f"ep={self.ep} does not divide the {shard} ranks experts are "
@@ -103,7 +107,7 @@ class ParallelLayout:
                 raise ValueError(f"{p.name}: {p.shape[0]} experts do not split over ep={self.ep}"
                                  if len(p.shape) == 3 else
                                  f"{p.name}: an expert tensor must be [E, m, n], got {p.shape}")
-            if self.kind == "megatron" and self.tp > 1 and p.tp is not None:
+            if self.kind.startswith("megatron") and self.tp > 1 and p.tp is not None:
                 dim = -2 if p.tp == "col" else -1
                 if p.shape[dim] % self.tp:
                     raise ValueError(f"{p.name}: dimension {p.shape[dim]} of {p.shape} does not "
@@ -182,6 +186,7 @@ def units(params: Sequence[ModelParam], layout: ParallelLayout) -> list[Unit]:
     build: Callable[[list[ModelParam], ParallelLayout, int], list[Unit]] = {
         "ddp": _data_parallel, "fsdp2": _data_parallel, "hsdp": _data_parallel,
         "zero1": _zero, "zero2": _zero, "zero3": _zero, "megatron": _megatron,
+        "megatron_do": _megatron,
     }[layout.kind]
     out = []
     for s, stage_params in enumerate(stages(params, layout.pp)):
@@ -321,7 +326,7 @@ def _megatron(params: list[ModelParam], layout: ParallelLayout, stage: int) -> l
     `MegatronSharding` sees SequentialMLP / TEGroupedMLP weights), EP rank ``e`` holding rows
     ``[e*m, (e+1)*m)``."""
     world, tp, ep = layout.stage_size, layout.tp, layout.ep
-    specs, names, tables = [], [], []
+    specs, names, tables, experts, split = [], [], [], [], []
     for p in params:
         if p.expert:
             m, n = p.shape[1:]
@@ -335,6 +340,8 @@ def _megatron(params: list[ModelParam], layout: ParallelLayout, stage: int) -> l
                 specs.append(spec)
                 names.append(f"{p.name}[{j}::{local}]")
                 tables.append(_rows(rows))
+                experts.append(True)
+                split.append(True)
             continue
         spec = _spec(p)
         rows_, cols = spec.experts * spec.rows, spec.cols
@@ -354,4 +361,32 @@ def _megatron(params: list[ModelParam], layout: ParallelLayout, stage: int) -> l
         specs.append(spec)
         names.append(p.name)
         tables.append(_rows(rows))
+        experts.append(False)
+        split.append(p.tp is not None and tp > 1)
+    if layout.kind == "megatron_do":
+        tables = _distributed_optimizer(tables, experts, split, world, tp, ep)
     return [Unit(f"stage {stage}", stage, names, specs, tables, _group(layout, stage))]
+
+
+def _distributed_optimizer(tables: list[np.ndarray], experts: list[bool], split: list[bool],
+                           world: int, tp: int, ep: int) -> list[np.ndarray]:
+    """Cut each rank's TP-local region (one per rank and parameter) to its distributed-optimizer
+    range: the dense parameters' buffer over the DP ranks (``rank // tp``), the experts' over the
+    expert-DP ranks (``rank // ep``), parameters in reverse order, one even range per rank."""
+    out = list(tables)
+    for is_expert, size, stride in ((False, world // tp, tp), (True, world // ep, ep)):
+        group = [i for i, e in enumerate(experts) if e == is_expert]
+        numels = {i: int(tables[i][0, 7] - tables[i][0, 6]) for i in group}
+        part = -(-sum(numels.values()) // size) if group else 0
+        base = 0
+        for i in reversed(group):
+            t = tables[i].copy()
+            dp = t[:, 0] // stride
+            lo = np.maximum(base, dp * part) - base
+            hi = np.minimum(base + numels[i], (dp + 1) * part) - base
+            t[:, 6], t[:, 7], t[:, 8] = lo, hi, 0
+            # One copy over TP x DP; a parameter whole on every TP rank: a copy per TP rank.
+            t[:, 1] = 0 if split[i] else t[:, 0] % tp
+            out[i] = t[lo < hi]
+            base += numels[i]
+    return out

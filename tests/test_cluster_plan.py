@@ -137,7 +137,8 @@ MOE_EVEN = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
 
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_every_layout_tiles_and_plans(kind):
-    extra = {"tp": 2} if kind == "megatron" else {"replicate": 2} if kind == "hsdp" else {}
+    extra = ({"tp": 2} if kind.startswith("megatron") else {"replicate": 2} if kind == "hsdp"
+             else {})
     params = params_from_config(MOE_EVEN)
     for pp in (1, 2):
         all_units = units(params, ParallelLayout(kind, 8, pp=pp, **extra))
@@ -151,6 +152,12 @@ def test_every_layout_tiles_and_plans(kind):
     (mega,) = units(params_from_config(TINY), ParallelLayout("megatron", 2, tp=2))
     q, o = mega.tables[0], mega.tables[3]
     assert q[:, 2:4].tolist() == [[0, 4], [4, 8]] and o[:, 4:6].tolist() == [[0, 4], [4, 8]]
+    # With the distributed optimizer on 4 ranks (TP 2 x DP 2): each TP rank's buffer holds 576
+    # values (288 per layer), filled in reverse, cut in two: layer 1 on DP rank 0 (ranks 0-1),
+    # layer 0 on DP rank 1 (ranks 2-3), one replica; layer 0's q is TP halves of 32 values.
+    (do,) = units(params_from_config(TINY), ParallelLayout("megatron_do", 4, tp=2))
+    assert do.tables[0].tolist() == [[2, 0, 0, 4, 0, 8, 0, 32, 0], [3, 0, 4, 8, 0, 8, 0, 32, 0]]
+    assert do.tables[7][:, 0].tolist() == [0, 1]
 
 
 def test_expert_parallel_layouts():

@@ -219,12 +219,38 @@ def _flat_ranges(params, size, rank):
     return out
 
 
+def flat_shard_optimizer(groups, sharding, name_of, dp):
+    """`MegatronMuon` over Megatron param ``groups`` whose params are then replaced, as
+    Megatron's distributed optimizer does, by fp32 main shards: flat ranges cut over ``dp``'s
+    ranks (`_flat_ranges`). Returns it, bound, and ``{name: (span, main)}`` of this rank."""
+    import torch.distributed as dist
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
+
+    opt = MegatronMuon(groups, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
+                       comm_dtype="fp32")
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    ranges = dict(zip(map(id, flat), _flat_ranges(flat, dist.get_world_size(dp),
+                                                   dist.get_rank(dp))))
+    mains, held = [], {}
+    for g in opt.param_groups:
+        pairs = []
+        for p in g["params"]:
+            span = ranges[id(p)]
+            main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
+            pairs.append((main, span))
+            if main is not None:
+                held[name_of[id(p)]] = (span, main)
+        g["params"] = [m for m, _ in pairs if m is not None]
+        mains.append(pairs)
+    opt.bind(mains, dp)
+    return opt, held
+
+
 def _distributed_optimizer_shards(coords, params, grads):
     """`MegatronMuon` over Megatron's own param groups, stepping fp32 main shards that are flat
     ranges of the TP-local weights (dense: split over data parallel; experts: over expert data
     parallel), as Megatron's distributed optimizer hands them to its inner optimizer."""
     from distributed_muon.integrations.megatron import MegatronSharding
-    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 
@@ -236,29 +262,14 @@ def _distributed_optimizer_shards(coords, params, grads):
             p.copy_(shard(name, params[name], coords))
     sharding = MegatronSharding(model)
     groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
-    out, ns, spans = {}, 0, {}
+    ns, spans = 0, {}
     for expert in (False, True):
         mine = [g for g in groups if g["is_expert_parallel"] == expert]
         dp = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
-        size, rank = torch.distributed.get_world_size(dp), torch.distributed.get_rank(dp)
-        opt = MegatronMuon(mine, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
-                           comm_dtype="fp32")
-        flat = [p for g in mine for p in g["params"]]
-        ranges = dict(zip(map(id, flat), _flat_ranges(flat, size, rank)))
-        mains = []
-        for g in opt.param_groups:  # what the wrapper does: main shards replace the params
-            pairs = []
-            for p in g["params"]:
-                span = ranges[id(p)]
-                main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
-                pairs.append((main, span))
-                if main is not None:
-                    spans[name_of[id(p)]] = (span, main)
-            g["params"] = [m for m, _ in pairs if m is not None]
-            mains.append(pairs)
-        opt.bind(mains, dp)
+        opt, held = flat_shard_optimizer(mine, sharding, name_of, dp)
+        spans.update(held)
         for g in grads:
-            for name, (span, main) in spans.items():
+            for name, (span, main) in held.items():
                 main.grad = shard(name, g[name], coords).reshape(-1)[span[0]:span[1]].clone()
             opt.step()
         ns += opt.ns_matrices

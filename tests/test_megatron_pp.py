@@ -31,46 +31,19 @@ def full_tensors(stage):
 def _worker(rank, world):
     import torch.distributed as dist
     from distributed_muon.integrations.megatron import MegatronSharding
-    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
-    from test_megatron import _flat_ranges
+    from test_megatron import flat_shard_optimizer
 
     ps.initialize_model_parallel(pipeline_model_parallel_size=PP)
     try:
         stage = ps.get_pipeline_model_parallel_rank()
-        params, grads = full_tensors(stage)
-        model = torch.nn.Module()
-        for name, value in params.items():
-            owner = model
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, torch.nn.Module())
-                owner = getattr(owner, part)
-            owner.register_parameter(leaf, torch.nn.Parameter(value.clone()))
-        names = dict(model.named_parameters())
+        _, grads = full_tensors(stage)
+        model = _model(stage)
+        name_of = {id(p): n for n, p in model.named_parameters()}
         sharding = MegatronSharding(model)
         groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
-        opt = MegatronMuon(groups, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
-                           comm_dtype="fp32")
-        dp = ps.get_data_parallel_group()
-        flat = [p for g in opt.param_groups for p in g["params"]]
-        ranges = _flat_ranges(flat, dist.get_world_size(dp), dist.get_rank(dp))
-        span_of = dict(zip(map(id, flat), ranges))
-        name_of = {id(p): n for n, p in names.items()}
-        mains, held = [], {}
-        for g in opt.param_groups:
-            pairs = []
-            for p in g["params"]:
-                span = span_of[id(p)]
-                main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
-                pairs.append((main, span))
-                if main is not None:
-                    held[name_of[id(p)]] = (span, main)
-            g["params"] = [m for m, _ in pairs if m is not None]
-            mains.append(pairs)
-        opt.bind(mains, dp)
+        opt, held = flat_shard_optimizer(groups, sharding, name_of, ps.get_data_parallel_group())
         for g in grads:
             for name, (span, main) in held.items():
                 main.grad = g[name].reshape(-1)[span[0]:span[1]].clone()
@@ -85,6 +58,8 @@ def _worker(rank, world):
 
 
 def single_process(stage):
+    """`DistributedMuon` in this process on ``stage``'s full tensors: its parameters (by name)
+    after all steps, and the optimizer (for its state)."""
     from distributed_muon import DistributedMuon
 
     params, grads = full_tensors(stage)
@@ -97,7 +72,7 @@ def single_process(stage):
         for n, p in ps.items():
             p.grad = g[n].clone()
         opt.step()
-    return {n: p.detach() for n, p in ps.items()}
+    return ps, opt
 
 
 def test_each_stage_steps_its_own_parameters_inside_the_stage():
@@ -109,9 +84,9 @@ def test_each_stage_steps_its_own_parameters_inside_the_stage():
     assert len(groups) == PP and not set(groups.pop()) & set(groups.pop())
     covered = {}
     for res in results:
-        want, (start, _) = single_process(res["stage"]), full_tensors(res["stage"])
+        (want, _), (start, _) = single_process(res["stage"]), full_tensors(res["stage"])
         for name, ((s, e), mine) in res["shards"].items():
-            ref = want[name].reshape(-1)[s:e]
+            ref = want[name].detach().reshape(-1)[s:e]
             p0 = start[name].reshape(-1)[s:e]
             assert float((mine - ref).norm() / (ref - p0).norm()) < 1e-5, (res["stage"], name)
             covered[(res["stage"], name)] = covered.get((res["stage"], name), 0) + e - s
@@ -123,40 +98,18 @@ def test_each_stage_steps_its_own_parameters_inside_the_stage():
         assert sum(r["ns"] for r in results if r["stage"] == stage) == 2 * STEPS
 
 
-def _bind(model, groups, dp, size, rank):
-    """`MegatronMuon` over ``groups`` with main shards cut as a distributed optimizer of
-    ``size`` ranks cuts them (this rank: ``rank``); returns it and ``{name: (span, main)}``."""
-    from distributed_muon.integrations.megatron import MegatronSharding
-    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
-    from test_megatron import _flat_ranges
-
-    opt = MegatronMuon(groups, MegatronSharding(model), lr=LR, weight_decay=WD,
-                       ns_dtype="fp32", comm_dtype="fp32")
-    flat = [p for g in opt.param_groups for p in g["params"]]
-    span_of = dict(zip(map(id, flat), _flat_ranges(flat, size, rank)))
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    mains, held = [], {}
-    for g in opt.param_groups:
-        pairs = []
-        for p in g["params"]:
-            span = span_of[id(p)]
-            main = None if span is None else p.detach().view(-1)[span[0]:span[1]].clone()
-            pairs.append((main, span))
-            if main is not None:
-                held[name_of[id(p)]] = (span, main)
-        g["params"] = [m for m, _ in pairs if m is not None]
-        mains.append(pairs)
-    opt.bind(mains, dp)
-    return opt, held
-
-
 def _model(stage):
+    """A module holding ``stage``'s parameters (dotted names as submodules), full values."""
     params, _ = full_tensors(stage)
     model = torch.nn.Module()
-    model.fc1, model.fc2, model.norm = (torch.nn.Module() for _ in range(3))
     for name, value in params.items():
-        owner, leaf = name.split(".")
-        getattr(model, owner).register_parameter(leaf, torch.nn.Parameter(value.clone()))
+        owner = model
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, torch.nn.Parameter(value.clone()))
     return model
 
 
@@ -164,10 +117,12 @@ def _reshard_worker(rank, world):
     from types import SimpleNamespace
 
     import torch.distributed as dist
+    from distributed_muon.integrations.megatron import MegatronSharding
     from distributed_muon.integrations.megatron_optimizer import _model_space_checkpoints
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from test_megatron import flat_shard_optimizer
 
     ps.initialize_model_parallel()  # DP = 4
     try:
@@ -182,8 +137,8 @@ def _reshard_worker(rank, world):
         def build(group):
             model = _model(0)
             groups = _get_param_groups([model], OptimizerConfig(lr=LR, weight_decay=WD), {})
-            opt, held = _bind(model, groups, group, dist.get_world_size(group),
-                              dist.get_rank(group))
+            name_of = {id(p): n for n, p in model.named_parameters()}
+            opt, held = flat_shard_optimizer(groups, MegatronSharding(model), name_of, group)
             wrapper = SimpleNamespace()
             _model_space_checkpoints(wrapper, opt, group)
             return model, opt, held, wrapper
@@ -219,19 +174,8 @@ def test_distributed_optimizer_checkpoint_loads_at_another_dp_size():
     optimizer and loaded where DP=2 cuts the shards otherwise: every main value and state
     tensor equals the single-process run's (the state is in model space, keyed like the model's
     sharded tensors, not in the saver's shards)."""
-    from distributed_muon import DistributedMuon
-
     results = run_ranks(WORLD, _reshard_worker, timeout=240)
-    params, grads = full_tensors(0)
-    ps = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
-    ref = DistributedMuon([
-        {"params": [p for p in ps.values() if p.ndim == 2]},
-        {"params": [p for p in ps.values() if p.ndim == 1], "use_muon": False},
-    ], lr=LR, weight_decay=WD, ns_dtype="fp32", comm_dtype="fp32")
-    for g in grads:
-        for n, p in ps.items():
-            p.grad = g[n].clone()
-        ref.step()
+    ps, ref = single_process(0)
     for res in results:
         assert res["steps"] == STEPS
         assert res["shards"]  # every rank holds part of the parameters at DP=2

@@ -26,7 +26,7 @@ def test_import_patches_get_megatron_optimizer_once():
     assert not getattr(patched.__wrapped__, "dmuon", False)
 
 
-def test_other_optimizers_reach_megatron_untouched(monkeypatch):
+def test_other_optimizers_reach_megatron_untouched():
     seen = []
     wrapper = mo._patched_get_optimizer(lambda config, chunks, *a, **k: seen.append(config))
     config = OptimizerConfig(optimizer="adam", lr=1e-3)

@@ -50,7 +50,12 @@ def megatron():
     dist.destroy_process_group()
 
 
-def _build(distributed: bool):
+def _build(distributed: bool, init=None, dmuon=None, **overrides):
+    """Megatron GPT-MoE in Megatron's DDP and ``get_megatron_optimizer(optimizer="dmuon")``.
+
+    ``overrides``: `TransformerConfig` fields (parallel sizes, router top-k, ``bf16=False`` with
+    fp32 dtypes); ``init(ddp)`` runs before the optimizer is built (its main params copy the
+    weights); ``dmuon``: ``--dmuon-*`` options (e.g. ``{"ns_dtype": "fp32"}``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -61,7 +66,7 @@ def _build(distributed: bool):
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    config = TransformerConfig(
+    fields = dict(
         num_layers=2, hidden_size=HIDDEN, ffn_hidden_size=128, num_attention_heads=HEADS,
         num_query_groups=GROUPS, num_moe_experts=EXPERTS, moe_router_topk=2,
         moe_ffn_hidden_size=96, moe_grouped_gemm=False, moe_aux_loss_coeff=0.0,
@@ -69,17 +74,26 @@ def _build(distributed: bool):
         hidden_dropout=0.0, attention_dropout=0.0,  # resume must not depend on the RNG state
         params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
     )
+    config = TransformerConfig(**{**fields, **overrides})
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
+    if config.sequence_parallel:  # the local spec's torch norm refuses it (no TE/apex here)
+        from distributed_muon.integrations.megatron_spec import local_gpt_block_spec
+
+        spec = local_gpt_block_spec(config.num_layers, EXPERTS, moe_grouped_gemm=False)
     gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
                    max_sequence_length=SEQ).cuda()
     # As Megatron's get_model does for --bf16: every parameter bf16, inputs cast.
-    model = Float16Module(config, gpt)
+    model = Float16Module(config, gpt) if config.bf16 else gpt
     ddp = DistributedDataParallel(
         config=config, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  use_distributed_optimizer=distributed))
-    opt_config = OptimizerConfig(optimizer="dmuon", lr=LR, weight_decay=WD, bf16=True,
+    if init is not None:
+        init(ddp)
+    opt_config = OptimizerConfig(optimizer="dmuon", lr=LR, weight_decay=WD, bf16=config.bf16,
                                  use_distributed_optimizer=distributed, clip_grad=0.0)
+    for name, value in (dmuon or {}).items():
+        setattr(opt_config, f"dmuon_{name}", value)
     return ddp, get_megatron_optimizer(opt_config, [ddp]), config
 
 

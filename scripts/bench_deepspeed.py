@@ -41,14 +41,27 @@ HEAD_DIM = 128
 LR = 1e-4
 
 
+def moe_layer(dim: int, moe: argparse.Namespace) -> nn.Module:
+    """DeepSpeed's MoE layer: ``moe.experts`` GELU MLPs ``dim -> moe.expert_ffn -> dim``, top-1,
+    expert parallelism over ``moe.ep`` ranks, no dropped tokens."""
+    from deepspeed.moe.layer import MoE
+
+    expert = nn.Sequential(nn.Linear(dim, moe.expert_ffn, bias=False), nn.GELU(),
+                           nn.Linear(moe.expert_ffn, dim, bias=False))
+    return MoE(hidden_size=dim, expert=expert, num_experts=moe.experts, ep_size=moe.ep, k=1,
+               drop_tokens=False)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, moe: argparse.Namespace | None = None) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.fc1 = nn.Linear(dim, 4 * dim, bias=False)
-        self.fc2 = nn.Linear(4 * dim, dim, bias=False)
+        self.moe = moe_layer(dim, moe) if moe else None
+        if self.moe is None:
+            self.fc1 = nn.Linear(dim, 4 * dim, bias=False)
+            self.fc2 = nn.Linear(4 * dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -56,14 +69,17 @@ class Block(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
+        if self.moe is not None:
+            return x + self.moe(self.ln2(x))[0]
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int) -> None:
+    def __init__(self, vocab: int, dim: int, layers: int,
+                 moe: argparse.Namespace | None = None) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, moe) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         for m in self.modules():
@@ -78,7 +94,8 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def optimizer_block(name: str) -> dict[str, Any]:
+def optimizer_block(name: str, dmuon: dict[str, Any]) -> dict[str, Any]:
+    """The JSON optimizer block; ``dmuon`` overrides DistributedMuon's params."""
     if name == "adamw":
         params = {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 0.1, "torch_adam": True}
         return {"type": "AdamW", "params": params}
@@ -91,7 +108,7 @@ def optimizer_block(name: str) -> dict[str, Any]:
         return {"type": "Muon", "params": params}
     import distributed_muon.integrations.deepspeed  # noqa: F401  (registers "DistributedMuon")
 
-    params = {"lr": LR, "weight_decay": 0.1, "ns_dtype": "bf16", "comm_dtype": "bf16"}
+    params = {"lr": LR, "weight_decay": 0.1, "ns_dtype": "bf16", "comm_dtype": "bf16", **dmuon}
     return {"type": "DistributedMuon", "params": params}
 
 
@@ -101,13 +118,13 @@ def ds_config(args: argparse.Namespace) -> dict[str, Any]:
         zero["reduce_scatter"] = False  # ZeRO-3 refuses Muon with reduce_scatter
     return {
         "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": args.grad_accum,
         "bf16": {"enabled": True},
         "zero_optimization": zero,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "optimizer": optimizer_block(args.optimizer),
+        "optimizer": optimizer_block(args.optimizer, args.dmuon),
     }
 
 
@@ -123,8 +140,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step (DeepSpeed's gradient_accumulation_steps)")
+    p.add_argument("--dmuon", action="append", default=[], metavar="KEY=JSON",
+                   help="a DistributedMuon param of the JSON block, e.g. ns_method='\"gram\"' "
+                        "or exchange_chunks=4 (repeatable)")
+    p.add_argument("--moe-experts", type=int, default=0,
+                   help="replace each dense MLP by DeepSpeed MoE with this many experts")
+    p.add_argument("--expert-ffn", type=int, default=1408)
+    p.add_argument("--ep", type=int, default=0, help="expert-parallel size (default: world)")
     p.add_argument("--out", default="results.jsonl")
-    return p.parse_args()
+    args = p.parse_args()
+    overrides = {}
+    for item in args.dmuon:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--dmuon {item!r}: use KEY=JSON, e.g. exchange_chunks=4")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string: ns_method=gram
+    args.dmuon = overrides
+    return args
 
 
 def main() -> None:
@@ -137,7 +174,11 @@ def main() -> None:
     device = torch.device("cuda", local_rank)
 
     torch.manual_seed(0)
-    model = GPT(args.vocab, args.dim, args.layers)  # CPU, fp32; DeepSpeed casts to bf16
+    moe = None
+    if args.moe_experts:
+        moe = argparse.Namespace(experts=args.moe_experts, expert_ffn=args.expert_ffn,
+                                 ep=args.ep or world)
+    model = GPT(args.vocab, args.dim, args.layers, moe)  # CPU, fp32; DeepSpeed casts to bf16
     n_params = sum(p.numel() for p in model.parameters())
     cfg = ds_config(args)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -147,13 +188,14 @@ def main() -> None:
     gen = torch.Generator(device=device)
     for step in range(args.warmup + args.steps):
         gen.manual_seed(1_000_003 * rank + step)
-        tokens = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device,
-                               generator=gen)
+        tokens = torch.randint(0, args.vocab, (args.grad_accum, args.micro_batch, args.seq + 1),
+                               device=device, generator=gen)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = engine(tokens)
-        engine.backward(loss)
-        engine.step()
+        for micro in tokens:  # DeepSpeed steps the optimizer at the last micro-batch only
+            loss = engine(micro)
+            engine.backward(loss)
+            engine.step()
         torch.cuda.synchronize()
         dt = torch.tensor(time.perf_counter() - t0, device=device, dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
@@ -170,6 +212,7 @@ def main() -> None:
     if rank == 0:
         result = {
             "optimizer": args.optimizer, "stage": args.stage, "world_size": world,
+            "tokens_per_step": args.seq * args.micro_batch * args.grad_accum * world,
             "step_s_median": statistics.median(times), "step_s_min": min(times),
             "step_s_max": max(times), "step_s_all": times,
             "peak_mem_gib": peak.item() / 2**30, "params": n_params,
@@ -180,7 +223,8 @@ def main() -> None:
         }
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"[bench] {args.optimizer} ZeRO-{args.stage} x{world}: "
+        print(f"[bench] {args.optimizer} {args.dmuon or ''} ZeRO-{args.stage} x{world}, "
+              f"{result['tokens_per_step']} tokens: "
               f"step {result['step_s_median'] * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
               f"max {max(times) * 1e3:.1f}), peak {result['peak_mem_gib']:.2f} GiB, "
               f"{n_params / 1e9:.3f}B params, loss {loss_mean[0]:.4f} -> {loss_mean[-1]:.4f}",

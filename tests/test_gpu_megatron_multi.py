@@ -50,7 +50,7 @@ FP32_DMUON = {"ns_dtype": "fp32", "comm_dtype": "fp32"}
 # from the rest of its matrix (Megatron's `blockwise`) differs by 0.6-0.8 of the update on
 # random matrices, a double update or a skipped one by 1. In bf16 the forward itself differs
 # across TP (each row-parallel partial sum is rounded to bf16 before the all-reduce), and
-# Newton-Schulz turns that ~0.1-1% gradient noise into 10-70% of the update on this model's
+# Newton-Schulz turns 0.3-1% gradient noise into 10-70% of the update on this model's
 # nearly rank-deficient gradients (64 tokens per step; measured on CPU with random matrices),
 # and with top-2 routing a rounding difference can move a token to another expert: bf16
 # parity is reported, not asserted.

@@ -35,6 +35,11 @@ MATRIX_FIELDS = ("u_norm", "o_dot_u", "nuclear_ratio", "nuclear_ratio_svd", "upd
                  "ns_error")
 # What travels per matrix: the measured values, and 1 on the sampled matrices.
 _COLUMNS = ("u_norm", "o_dot_u", "update_rms", "ns_error", "nuclear_ratio_svd", "sampled")
+# The phases of a step, timed back to back. Unpipelined (``exchange_chunks=1``) each is what it
+# names. Pipelined (K chunks, which overlap): ``to_owners`` is the time until chunk 0's matrices
+# are in place (the inbound transfer left exposed), ``ns`` from then until the last chunk's NS is
+# done (all NS, plus the waits for chunks 1..K-1 not hidden behind it), ``to_holders`` the wait
+# for the updates still travelling after that.
 PHASES = ("momentum", "to_owners", "ns", "to_holders", "update")
 RANK_FIELDS = (*(f"time_{p}" for p in PHASES), "ns_matrices", "bytes_sent", "bytes_received",
                "skipped_steps")
@@ -123,8 +128,10 @@ class Diagnostics:
         self._buf.zero_()
 
     def record_batch(self, matrices: Sequence[int], u: torch.Tensor, o: torch.Tensor,
-                     step_scale: Sequence[float]) -> None:
-        """Owner side: ``u, o [B, m, n]`` of ``matrices``; ``step_scale[i] = lr * s(m, n)``."""
+                     step_scale: Sequence[float], sample: bool = True) -> None:
+        """Owner side: ``u, o [B, m, n]`` of ``matrices``; ``step_scale[i] = lr * s(m, n)``.
+        ``sample``: also measure the first matrix exactly (once per whole batch: a pipelined
+        exchange hands a batch over in parts)."""
         stats = matrix_stats(u, o).double()
         ids = torch.tensor(matrices, device=self._mat.device)
         m, n = u.shape[-2:]
@@ -132,6 +139,8 @@ class Diagnostics:
         self._mat[ids, 0] = stats[:, 0]
         self._mat[ids, 1] = stats[:, 1]
         self._mat[ids, 2] = scale * stats[:, 2] / math.sqrt(m * n)
+        if not sample:
+            return
         self._mat[matrices[0], 3] = orthogonality_error(o[0])
         self._mat[matrices[0], 4] = nuclear_ratio(u[0])
         self._mat[matrices[0], 5] = 1.0

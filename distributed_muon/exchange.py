@@ -1,30 +1,37 @@
 """`Exchange`: move local pieces to their owners as whole matrices, and updates back.
 
 Everything is planned at construction: persistent buffers and, for every piece, the views it
-is copied between. A step is then two ``_foreach_copy_`` calls and one ``all_to_all_single``
-in each direction, whatever the layout (even or ragged pieces, row or column blocks,
-replicas): no per-element Python and no allocation.
+is copied between. A step (`Exchange.run`) is then, per chunk and direction, two
+``_foreach_copy_`` calls and one ``all_to_all_single``, whatever the layout (even or ragged
+pieces, row or column blocks, replicas): no per-element Python and no allocation.
 
 Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dtype``):
 
 - ``local``: this rank's local values of every Muon parameter, concatenated; the optimizer
-  writes the momentum update ``u`` here before `to_owners`, and reads the scaled orthogonal
-  update here after `to_holders`.
+  writes the momentum update ``u`` here before `run`, and reads the scaled orthogonal update
+  here after it.
 - ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`
   (``Batch.view``).
-- send/receive buffers of the two all-to-alls, ordered by peer rank, then matrix, then piece.
-  Pieces a rank keeps for itself are copied directly between ``local`` and ``batch``.
+- one send and one receive buffer per direction, ordered by chunk, then peer rank, then
+  matrix, then piece; each chunk's all-to-all moves a narrow of them. Pieces a rank keeps for
+  itself are copied directly between ``local`` and ``batch``.
 
-The two directions are named by where values go: `to_owners` (each holder of a matrix's
-source replica sends its pieces to the owner) and `to_holders` (the owner sends the update to
-every holder of every replica); the to-holders routing is derived as the inverse of the
-to-owners one plus the replicas that only receive.
+The two directions are named by where values go: to owners (each holder of a matrix's source
+replica sends its pieces to the owner) and to holders (the owner sends the update to every
+holder of every replica); the to-holders routing is derived as the inverse of the to-owners
+one plus the replicas that only receive.
+
+Pipelining (``chunks=K``): every rank cuts each owner's matrices, in that owner's batch order,
+into K parts of about equal NS cost (`chunk_of_matrices`, from layout and plan alone), so
+a chunk is a contiguous range of every batch (its `Chunk.batches` narrow the batch views).
+The pieces of each routing are split by their matrix's chunk, keeping their order, and `run`
+overlaps chunk k's Newton-Schulz with the transfers of its neighbours.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +48,8 @@ class Batch:
 
     ``options`` is the layout's batching key of these matrices (the optimizer's `NSOptions`);
     ``view`` is their ``[len(matrices), m, n]`` values in the exchange's batch buffer.
+    `Exchange.batches` are whole batches; a pipeline chunk's (`Chunk.batches`) are contiguous
+    parts of them, their views narrows of the whole batch's.
     """
 
     options: Hashable
@@ -50,8 +59,13 @@ class Batch:
     view: torch.Tensor
 
 
-class _Route:
-    """One direction of the exchange: pack, all-to-all, unpack."""
+class Route:
+    """One direction of one chunk of the exchange: pack, all-to-all, unpack.
+
+    ``send``/``recv`` are narrows of the direction's persistent buffers; ``send_counts[peer]``
+    and ``recv_counts[peer]`` are in values. `start` packs and issues the all-to-all (async),
+    `finish` waits for it and unpacks; with ``group=None`` no collective runs.
+    """
 
     def __init__(self, send: torch.Tensor, recv: torch.Tensor, send_counts: list[int],
                  recv_counts: list[int], group: dist.ProcessGroup | None) -> None:
@@ -65,18 +79,35 @@ class _Route:
         # Pieces that stay on this rank skip the buffers: one copy instead of two.
         self.direct_dst: list[torch.Tensor] = []
         self.direct_src: list[torch.Tensor] = []
+        self._work: dist.Work | None = None
 
-    def run(self) -> None:
+    def start(self) -> None:
         if self.pack_dst:
             torch._foreach_copy_(self.pack_dst, self.pack_src)
         if self.direct_dst:
             torch._foreach_copy_(self.direct_dst, self.direct_src)
         if self.group is not None:
-            dist.all_to_all_single(
-                self.recv, self.send, self.recv_counts, self.send_counts, group=self.group
-            )
+            self._work = dist.all_to_all_single(self.recv, self.send, self.recv_counts,
+                                                self.send_counts, group=self.group,
+                                                async_op=True)
+
+    def finish(self) -> None:
+        # On NCCL, wait() makes the current stream wait for the transfer; the CPU goes on.
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
         if self.unpack_dst:
             torch._foreach_copy_(self.unpack_dst, self.unpack_src)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stage of the pipeline: the (sub-)batches this rank orthogonalizes in it, and the two
+    routes that bring their matrices in and their updates back."""
+
+    batches: tuple[Batch, ...]
+    to_owners: Route
+    to_holders: Route
 
 
 @dataclass
@@ -111,6 +142,18 @@ class _Routing:
                         [a + b for a, b in zip(self.recv, other.recv, strict=True)],
                         self.keep + other.keep)
 
+    def split(self, chunk_of: Sequence[int], chunks: int) -> list[_Routing]:
+        """One routing per chunk: each piece goes to its matrix's chunk, order kept (so both
+        ends of every pair still agree on it)."""
+        parts = [_Routing.empty(len(self.send)) for _ in range(chunks)]
+        for side in ("send", "recv"):
+            for peer, pieces in enumerate(getattr(self, side)):
+                for pc in pieces:
+                    getattr(parts[chunk_of[pc.matrix]], side)[peer].append(pc)
+        for pc in self.keep:
+            parts[chunk_of[pc.matrix]].keep.append(pc)
+        return parts
+
 
 def _routings(layout: ShardLayout, plan: OwnershipPlan) -> tuple[_Routing, _Routing]:
     """(to owners, to holders) for this rank.
@@ -132,6 +175,43 @@ def _routings(layout: ShardLayout, plan: OwnershipPlan) -> tuple[_Routing, _Rout
     return source, source.inverse() + other_replicas.inverse()
 
 
+def check_chunks(chunks: object) -> None:
+    """Refuse a pipeline depth (the ``exchange_chunks`` option) that is not an integer >= 1."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"exchange_chunks={chunks!r} is not valid: must be an integer >= 1 "
+                         "(1: no pipelining)")
+
+
+def batch_groups(layout: ShardLayout, plan: OwnershipPlan) -> list[dict[tuple, list[int]]]:
+    """Per rank, the matrices it owns grouped as its batches: ``(options, m, n) -> matrix ids``,
+    groups in order of first appearance, matrix order inside a group."""
+    groups: list[dict[tuple, list[int]]] = [{} for _ in range(layout.world_size)]
+    for mat in layout.matrices:
+        groups[plan.owner[mat.id]].setdefault((mat.key, mat.m, mat.n), []).append(mat.id)
+    return groups
+
+
+def chunk_of_matrices(layout: ShardLayout, plan: OwnershipPlan, chunks: int) -> list[int]:
+    """The pipeline chunk of every matrix, alike on every rank (from layout and plan alone).
+
+    Each owner's matrices, in the order of its batches, are cut into ``chunks`` contiguous
+    parts of about equal NS cost (``plan.cost``): a matrix goes to the part its cost midpoint
+    falls in. A chunk is thus a contiguous range of each batch; parts may be empty."""
+    chunk = [0] * len(layout.matrices)
+    if chunks == 1:
+        return chunk
+    for groups in batch_groups(layout, plan):
+        order = [mid for ids in groups.values() for mid in ids]
+        total = sum(plan.cost[mid] for mid in order)
+        done = 0.0
+        for pos, mid in enumerate(order):
+            cost = plan.cost[mid]
+            mid_point = (done + cost / 2) / total if total > 0 else (pos + 0.5) / len(order)
+            chunk[mid] = min(chunks - 1, int(mid_point * chunks))
+            done += cost
+    return chunk
+
+
 class Exchange:
     """Routes between this rank's local pieces and the whole matrices it owns.
 
@@ -139,6 +219,9 @@ class Exchange:
     ``group=None`` (one process) no collective runs and send buffers double as receive buffers
     (a planner may build one rank's exchange of a larger layout with ``group=None``, e.g. on
     the ``meta`` device, to measure setup: it cannot run).
+
+    ``chunks`` (>= 1) is the depth of the pipeline `run` builds (`chunk_of_matrices`); with 1
+    a step is one all-to-all each way.
     """
 
     def __init__(
@@ -150,26 +233,30 @@ class Exchange:
         device: torch.device,
         local_dtype: torch.dtype,
         comm_dtype: torch.dtype,
+        chunks: int = 1,
     ) -> None:
+        check_chunks(chunks)
         self.layout, self.plan = layout, plan
         # No matrices anywhere (every rank sees the same layout): nothing to exchange.
         self.group = group if layout.matrices else None
         self.comm_dtype, self.device = comm_dtype, device
+        self._chunk_of = chunk_of_matrices(layout, plan, chunks)
         self._allocate_batches()
         self._allocate_local(local_shapes, local_dtype)
         to_owners, to_holders = _routings(layout, plan)
-        self.route_to_owners = self._route(to_owners, towards_owner=True)
-        self.route_to_holders = self._route(to_holders, towards_owner=False)
+        self.chunks = tuple(
+            Chunk(batches, inward, outward) for batches, inward, outward in zip(
+                self._sub_batches(chunks), self._routes(to_owners.split(self._chunk_of, chunks),
+                                                         towards_owner=True),
+                self._routes(to_holders.split(self._chunk_of, chunks), towards_owner=False),
+                strict=True))
 
     # ------------------------------------------------------------ buffers
 
     def _allocate_batches(self) -> None:
         """``batches``: owned matrices grouped by (options, shape) in matrix order, each a
         ``[B, m, n]`` view of one flat buffer."""
-        grouped: dict[tuple, list[int]] = {}
-        for mat in self.layout.matrices:
-            if self.plan.owner[mat.id] == self.layout.rank:
-                grouped.setdefault((mat.key, mat.m, mat.n), []).append(mat.id)
+        grouped = batch_groups(self.layout, self.plan)[self.layout.rank]
         numel = sum(len(ids) * m * n for (_, m, n), ids in grouped.items())
         self._batch_flat = torch.zeros(numel, dtype=self.comm_dtype, device=self.device)
         self.batches: list[Batch] = []
@@ -181,6 +268,25 @@ class Exchange:
             for mid in ids:
                 self._matrix_base[mid] = pos
                 pos += m * n
+
+    def _sub_batches(self, chunks: int) -> list[tuple[Batch, ...]]:
+        """Per chunk, the part of each batch in it (a contiguous range: `chunk_of_matrices`);
+        with one chunk, the batches themselves."""
+        if chunks == 1:
+            return [tuple(self.batches)]
+        parts: list[list[Batch]] = [[] for _ in range(chunks)]
+        for b in self.batches:
+            start = 0
+            for k in range(chunks):
+                stop = start
+                while stop < len(b.matrices) and self._chunk_of[b.matrices[stop]] == k:
+                    stop += 1
+                if stop > start:
+                    parts[k].append(Batch(options=b.options, m=b.m, n=b.n,
+                                          matrices=b.matrices[start:stop],
+                                          view=b.view.narrow(0, start, stop - start)))
+                start = stop
+        return [tuple(p) for p in parts]
 
     def _allocate_local(self, local_shapes: list[torch.Size], dtype: torch.dtype) -> None:
         """``local`` (every Muon parameter's local values, concatenated) and its views."""
@@ -214,47 +320,81 @@ class Exchange:
 
     # ------------------------------------------------------------ routes
 
-    def _route(self, routing: _Routing, towards_owner: bool) -> _Route:
-        """Buffers and copy views of one direction: holder -> owner or owner -> holder."""
-        send_counts = [sum(pc.size for pc in per) for per in routing.send]
-        recv_counts = [sum(pc.size for pc in per) for per in routing.recv]
-        send = torch.zeros(sum(send_counts), dtype=self.comm_dtype, device=self.device)
-        if self.group is None and self.layout.world_size == 1:
-            route = _Route(send, send, send_counts, recv_counts, None)
-        else:
-            recv = torch.zeros(sum(recv_counts), dtype=self.comm_dtype, device=self.device)
-            route = _Route(send, recv, send_counts, recv_counts, self.group)
+    def _routes(self, parts: list[_Routing], towards_owner: bool) -> list[Route]:
+        """One direction (holder -> owner or owner -> holder): one send and one receive buffer,
+        chunk after chunk (peer order inside a chunk), and each chunk's `Route` over its
+        narrows, with the copy views of its pieces."""
+        sends = [[sum(pc.size for pc in per) for per in part.send] for part in parts]
+        recvs = [[sum(pc.size for pc in per) for per in part.recv] for part in parts]
+        send = torch.zeros(sum(map(sum, sends)), dtype=self.comm_dtype, device=self.device)
+        alone = self.group is None and self.layout.world_size == 1
+        recv = send if alone else torch.zeros(sum(map(sum, recvs)), dtype=self.comm_dtype,
+                                              device=self.device)
+        group = None if alone else self.group
         sender, receiver = ((self._holder_views, self._owner_views) if towards_owner
                             else (self._owner_views, self._holder_views))
-        for pc in routing.keep:
-            for owner_view, local_view in self._owner_views(pc, self._local_run(pc)):
-                dst, src = (owner_view, local_view) if towards_owner else (local_view, owner_view)
-                route.direct_dst.append(dst)
-                route.direct_src.append(src)
-        for pc, buf in _slices(routing.send, route.send):
-            for place, values in sender(pc, buf):
-                route.pack_dst.append(values)
-                route.pack_src.append(place)
-        for pc, buf in _slices(routing.recv, route.recv):
-            for place, values in receiver(pc, buf):
-                route.unpack_dst.append(place)
-                route.unpack_src.append(values)
-        return route
+        routes, s_pos, r_pos = [], 0, 0
+        for part, send_counts, recv_counts in zip(parts, sends, recvs, strict=True):
+            route = Route(send.narrow(0, s_pos, sum(send_counts)),
+                          recv.narrow(0, r_pos, sum(recv_counts)),
+                          send_counts, recv_counts, group)
+            s_pos += sum(send_counts)
+            r_pos += sum(recv_counts)
+            for pc in part.keep:
+                for owner_view, local_view in self._owner_views(pc, self._local_run(pc)):
+                    dst, src = ((owner_view, local_view) if towards_owner
+                                else (local_view, owner_view))
+                    route.direct_dst.append(dst)
+                    route.direct_src.append(src)
+            for pc, buf in _slices(part.send, route.send):
+                for place, values in sender(pc, buf):
+                    route.pack_dst.append(values)
+                    route.pack_src.append(place)
+            for pc, buf in _slices(part.recv, route.recv):
+                for place, values in receiver(pc, buf):
+                    route.unpack_dst.append(place)
+                    route.unpack_src.append(values)
+            routes.append(route)
+        return routes
 
-    def to_owners(self) -> None:
-        """Pieces of ``local`` -> whole owned matrices, in each `Batch`'s ``view``."""
-        self.route_to_owners.run()
+    def run(self, work: Callable[[Batch], None],
+            mark: Callable[[str], None] | None = None) -> None:
+        """One step's exchange around ``work``: pieces of ``local`` -> whole owned matrices ->
+        ``work(batch)`` for every owned (sub-)batch, which overwrites ``batch.view`` with the
+        update -> updates back into ``local`` on every holder of every replica.
 
-    def to_holders(self) -> None:
-        """Owned matrices (each `Batch`'s ``view``, overwritten with updates) -> ``local``,
-        on every holder of every replica."""
-        self.route_to_holders.run()
+        With K chunks, chunk k+1's matrices travel while chunk k's ``work`` runs, and chunk k's
+        updates travel back while chunk k+1's runs: to-owners(k+1) is issued before chunk k is
+        waited for, to-holders(k) right after chunk k's work, and the to-holders are waited
+        for at the end. Every rank issues the same 2K collectives in the same order.
+
+        ``mark(phase)`` (profiling) is called with ``"to_owners"`` once chunk 0's matrices are
+        in place, ``"ns"`` once the last chunk's work is issued, and ``"to_holders"`` once all
+        updates are in ``local``.
+        """
+        chunks = self.chunks
+        chunks[0].to_owners.start()
+        for k, chunk in enumerate(chunks):
+            if k + 1 < len(chunks):
+                chunks[k + 1].to_owners.start()
+            chunk.to_owners.finish()
+            if k == 0 and mark is not None:
+                mark("to_owners")
+            for batch in chunk.batches:
+                work(batch)
+            if k + 1 == len(chunks) and mark is not None:
+                mark("ns")
+            chunk.to_holders.start()
+        for chunk in chunks:
+            chunk.to_holders.finish()
+        if mark is not None:
+            mark("to_holders")
 
     @property
     def bytes_per_step(self) -> tuple[int, int]:
         """(sent, received) bytes of this rank per step, both directions."""
         item = self._batch_flat.element_size()
-        routes = (self.route_to_owners, self.route_to_holders)
+        routes = [rt for c in self.chunks for rt in (c.to_owners, c.to_holders)]
         sent = sum(sum(rt.send_counts) for rt in routes)
         recv = sum(sum(rt.recv_counts) for rt in routes)
         return sent * item, recv * item

@@ -9,6 +9,7 @@ Layout, ownership plan and exchange buffers are built once, at construction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from torch.optim import Optimizer
 
 from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
 from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
-from distributed_muon.exchange import Exchange
+from distributed_muon.exchange import Batch, Exchange, check_chunks
 from distributed_muon.layout import ShardLayout
 from distributed_muon.options import (
     MOMENTUM_FORMS,
@@ -71,7 +72,7 @@ MISNAMED_OPTIONS = {
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
 OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding",
-                  "diagnostics_every", "ns_cost")
+                  "diagnostics_every", "ns_cost", "exchange_chunks")
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -122,6 +123,10 @@ class DistributedMuon(Optimizer):
     ``ns_cost`` is what the plan balances: None for NS FLOPs, the path of a measured NS cost
     table (`distributed_muon.cost.CostTable`, seconds per shape) or a callable
     ``cost(m, n, options)``; rank 0's costs are used on every rank.
+    ``exchange_chunks=K`` (1: off) pipelines the exchange with Newton-Schulz in K chunks of
+    about equal NS cost: chunk k+1's matrices travel to their owners while chunk k is
+    orthogonalized, and chunk k's updates travel back meanwhile (2K all-to-alls a step
+    instead of 2; the same update bit for bit on CPU; see `Exchange.run`).
 
     A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
     untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
@@ -155,6 +160,7 @@ class DistributedMuon(Optimizer):
         qk_clip_tau: float | None = None,
         diagnostics_every: int = 0,
         ns_cost: NSCost | str | os.PathLike | None = None,
+        exchange_chunks: int = 1,
         **unknown: Any,
     ) -> None:
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
@@ -179,6 +185,8 @@ class DistributedMuon(Optimizer):
             raise ValueError(f"diagnostics_every={diagnostics_every!r} is not valid: an integer "
                              ">= 0 (0: off)")
         self._ns_cost = resolve_ns_cost(ns_cost)
+        check_chunks(exchange_chunks)
+        self.exchange_chunks = exchange_chunks
         self._setup(plan)
         self._steps = 0  # step() calls, skipped ones included (alike on every rank)
         self._diagnostics = Diagnostics(
@@ -247,8 +255,10 @@ class DistributedMuon(Optimizer):
         self.plan = OwnershipPlan.build(self.layout, costs, strategy)
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
-            local_dtype, self.comm_dtype,
+            local_dtype, self.comm_dtype, self.exchange_chunks,
         )
+        # The matrices the diagnostics sample: the first of each whole batch, whatever the chunks.
+        self._sampled = frozenset(b.matrices[0] for b in self.exchange.batches)
 
     def register_qk(self, recorder: MaxLogitRecorder, q_weight: torch.Tensor,
                     k_weight: torch.Tensor | None = None, *, head_dim: int, q_row: int = 0,
@@ -319,19 +329,8 @@ class DistributedMuon(Optimizer):
             diag.begin()
         self._momentum(grads)
         clock.tick("momentum")
-        self.exchange.to_owners()
-        clock.tick("to_owners")
-        for batch in self.exchange.batches:
-            scale = shape_scale(batch.options.scale, batch.m, batch.n)
-            ortho = orthogonalize(batch.view, batch.options)
-            if diag is not None:  # u is still in batch.view
-                diag.record_batch(batch.matrices, batch.view, ortho, [
-                    self._group_of_matrix(mid)["lr"] * scale for mid in batch.matrices])
-            batch.view.copy_(ortho.mul_(scale))
-            self.ns_matrices += len(batch.matrices)
-        clock.tick("ns")
-        self.exchange.to_holders()
-        clock.tick("to_holders")
+        # to owners -> NS + scale per owned (sub-)batch -> to holders, pipelined in chunks.
+        self.exchange.run(functools.partial(self._orthogonalize, diag=diag), clock.tick)
         self._apply_muon(grads)
         self._adamw_step(adamw_grads)
         if self.qk_clip is not None:  # after the update, on local rows only
@@ -347,6 +346,17 @@ class DistributedMuon(Optimizer):
                              self.exchange.bytes_per_step, self.skipped_steps)
             diag.finish(self._steps)
         return loss
+
+    def _orthogonalize(self, batch: Batch, diag: Diagnostics | None) -> None:
+        """``batch.view``: momentum updates in, scaled orthogonalized updates out."""
+        scale = shape_scale(batch.options.scale, batch.m, batch.n)
+        ortho = orthogonalize(batch.view, batch.options)
+        if diag is not None:  # u is still in batch.view
+            diag.record_batch(batch.matrices, batch.view, ortho, [
+                self._group_of_matrix(mid)["lr"] * scale for mid in batch.matrices],
+                sample=batch.matrices[0] in self._sampled)
+        batch.view.copy_(ortho.mul_(scale))
+        self.ns_matrices += len(batch.matrices)
 
     def _group_of_matrix(self, matrix: int) -> dict[str, Any]:
         return self.param_groups[self._muon_group_of[self.layout.matrices[matrix].param]]
@@ -514,7 +524,11 @@ def validate_group(group: dict[str, Any]) -> None:
 
 
 class _PhaseClock:
-    """Adds wall time per phase to ``into`` when enabled (synchronizing CUDA to be honest)."""
+    """Adds wall time per phase to ``into`` when enabled (synchronizing CUDA to be honest).
+
+    It waits for the current stream only, not the whole device: in a pipelined exchange the
+    next chunk's all-to-all is in flight on the communication stream at a tick, and waiting
+    for it would serialize what the pipeline overlaps."""
 
     def __init__(self, enabled: bool, into: dict[str, float], device: torch.device) -> None:
         self.enabled, self.into, self.device = enabled, into, device
@@ -522,7 +536,7 @@ class _PhaseClock:
 
     def _now(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
     def tick(self, phase: str) -> None:

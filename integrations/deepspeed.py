@@ -43,6 +43,7 @@ from distributed_muon.integrations.replicated import ReplicatedSharding
 from torch.optim import Optimizer
 
 from distributed_muon.cost import resolve_ns_cost
+from distributed_muon.exchange import check_chunks
 from distributed_muon.layout import Region
 from distributed_muon.optimizer import (
     GROUP_OPTIONS,
@@ -60,7 +61,7 @@ from distributed_muon.sharding import Sharding
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
-_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost")
+_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost", "exchange_chunks")
 
 
 class FlatSharding:
@@ -122,11 +123,14 @@ class DeepSpeedMuon(Optimizer):
 
     ``ns_cost`` (the path of a measured NS cost table, see `distributed_muon.cost`) makes each
     partition's owner plan balance measured seconds instead of NS FLOPs.
+    ``exchange_chunks`` pipelines each partition's exchange with its Newton-Schulz
+    (`DistributedMuon`).
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
                  plan: str = "lpt", qk_clip_tau: float | None = None,
-                 ns_cost: str | None = None, **options: Any) -> None:
+                 ns_cost: str | None = None, exchange_chunks: int = 1,
+                 **options: Any) -> None:
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
             raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
@@ -136,6 +140,8 @@ class DeepSpeedMuon(Optimizer):
             raise ValueError(f"plan={plan!r} is not valid: use one of {STRATEGIES}")
         self.plan = plan
         self.ns_cost = resolve_ns_cost(ns_cost)  # a bad table fails here, before any step
+        check_chunks(exchange_chunks)
+        self.exchange_chunks = exchange_chunks
         engine = calling_engine()
         if engine is not None:
             _refuse_unsupported(engine)
@@ -297,7 +303,7 @@ class DeepSpeedMuon(Optimizer):
             names = [self.group_names[gi][order[p]] for p in params]
         inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
                                 comm_dtype=self.comm_dtype, sharding=sharding, plan=self.plan,
-                                ns_cost=self.ns_cost)
+                                ns_cost=self.ns_cost, exchange_chunks=self.exchange_chunks)
         unit = _Unit(inner, flat, sharding)
         self._link_state(gi, unit)
         return unit

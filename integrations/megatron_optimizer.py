@@ -29,6 +29,7 @@ from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
 from torch import nn
 from torch.optim import Optimizer
 
+from distributed_muon.exchange import check_chunks
 from distributed_muon.layout import Block, Region
 from distributed_muon.optimizer import DistributedMuon, group_defaults
 from distributed_muon.params import MatrixSpec, is_embedding_or_head_name
@@ -49,6 +50,8 @@ FLAGS: dict[str, tuple[type, Any, str]] = {
     "ns_dtype": (str, "bf16", "dtype of the Newton-Schulz iteration: bf16 or fp32"),
     "comm_dtype": (str, "bf16", "dtype of the gradient/update exchange: bf16 or fp32"),
     "plan": (str, "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin"),
+    "exchange_chunks": (int, 1, "pipeline the exchange with Newton-Schulz in this many chunks "
+                                "(1: one all-to-all each way)"),
     "scale": (str, None, "shape scale (match_rms_adamw, original, spectral, none); default: "
                          "the one --muon-scale-mode and --muon-extra-scale-factor give"),
 }
@@ -116,9 +119,12 @@ class MegatronMuon(Optimizer):
 
     def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
                  split_qkv: bool = True, scale_factor: float = 1.0,
-                 comm_dtype: str = "bf16", plan: str = "lpt", **options: Any) -> None:
+                 comm_dtype: str = "bf16", plan: str = "lpt", exchange_chunks: int = 1,
+                 **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
+        check_chunks(exchange_chunks)  # before Megatron builds anything around it
+        self.exchange_chunks = exchange_chunks
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
         self.comm_dtype, self.plan = comm_dtype, plan
@@ -154,7 +160,7 @@ class MegatronMuon(Optimizer):
                     groups.append({**self.options, **sub})
                     self._inner_of.append((gi, is_muon))
         self.inner = DistributedMuon(groups, sharding=sharding, comm_dtype=self.comm_dtype,
-                                     plan=self.plan)
+                                     plan=self.plan, exchange_chunks=self.exchange_chunks)
         self._link()
 
     def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:

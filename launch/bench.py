@@ -4,7 +4,8 @@ Parameters of the given shapes are sharded as FSDP2 shards them (DTensor ``Shard
 replicated as under DDP; gradients are random. Each rank times every phase with device
 synchronization (`DistributedMuon.profile`); rank 0 reports medians over steps, bytes moved,
 planned and measured NS imbalance, achieved NS TFLOP/s and, measured in the same run, the
-device's bf16 matmul rate.
+device's bf16 matmul rate. ``--exchange-chunks K`` pipelines the exchange with NS; the phases
+then overlap and mean what `distributed_muon.diagnostics.PHASES` says.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class BenchConfig:
     ns_cost: str | None = option(
         None, "plan on this measured NS cost table (written by scripts/bench_ns.py "
         "--cost-table) instead of NS FLOPs")
+    exchange_chunks: int = option(
+        1, "pipeline the exchange with Newton-Schulz in this many chunks (1: one all-to-all "
+        "each way)")
     json: str | None = option(None, "also write the results as JSON to this file")
 
     def resolved(self) -> BenchConfig:
@@ -70,6 +74,8 @@ class BenchConfig:
                              f"{self.warmup}: need --nproc >= 1, --steps >= 1, --warmup >= 0")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"--layers {self.layers}: must be at least 1")
+        if self.exchange_chunks < 1:
+            raise ValueError(f"--exchange-chunks {self.exchange_chunks}: must be at least 1")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
         cuda = torch.cuda.is_available() and self.device != "cpu"
@@ -143,7 +149,8 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     for shape in shapes:
         params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
     opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
-                          comm_dtype=cfg.comm_dtype, plan=cfg.plan, ns_cost=cfg.ns_cost)
+                          comm_dtype=cfg.comm_dtype, plan=cfg.plan, ns_cost=cfg.ns_cost,
+                          exchange_chunks=cfg.exchange_chunks)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
     peak = matmul_tflops(device)
@@ -188,7 +195,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         f"{cfg.layers}), "
         f"{sum(m.m * m.n for m in opt.layout.matrices) / 1e6:.1f}M values, layout {cfg.layout}, "
         f"N={world} on {name}, ns {cfg.ns_method} {cfg.ns_dtype}, comm {cfg.comm_dtype}, "
-        f"plan {cfg.plan}",
+        f"plan {cfg.plan}, exchange chunks {cfg.exchange_chunks}",
         f"bf16 matmul peak (measured): {peak:.3g} TFLOP/s; NS work {flops / 1e12:.3g} TFLOP/step",
         "",
         f"{'phase':<14}" + "".join(f"{'rank ' + str(r['rank']):>11}" for r in ranks)
@@ -214,6 +221,9 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         f"NS imbalance (max/mean): planned {opt.plan.imbalance():.3f}, measured {measured:.3f}",
         f"exchange / NS time on the busiest rank: {ratio:.3f}",
     ]
+    if cfg.exchange_chunks > 1:
+        lines.append("(pipelined: to_owners and to_holders are the exchange left exposed; ns "
+                     "also holds the waits for chunks not hidden behind NS)")
     return {
         "config": asdict(cfg),
         "world": world,

@@ -84,7 +84,7 @@ def _setup(unit, keys, payloads: list[bytes], rank: int) -> dict[str, float]:
     out["total_cpu"] = marks[-1][1] - marks[0][1]
     out["pieces"] = float(len(layout.table))
     out["copy_views"] = float(sum(len(rt.pack_dst) + len(rt.unpack_dst) + len(rt.direct_dst)
-                                  for rt in (ex.route_to_owners, ex.route_to_holders)))
+                                  for c in ex.chunks for rt in (c.to_owners, c.to_holders)))
     return out
 
 

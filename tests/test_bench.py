@@ -14,19 +14,21 @@ def test_bench_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "bench", "--shapes",
            "96x64,64x160,3x32x32", "--layers", "2", "--nproc", "2", "--steps", "2",
-           "--warmup", "1", "--ns-dtype", "fp32", "--device", "cpu", "--json", str(out)]
+           "--warmup", "1", "--ns-dtype", "fp32", "--device", "cpu", "--exchange-chunks", "2",
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "NS imbalance" in proc.stdout and "to_owners ms" in proc.stdout
     report = json.loads(out.read_text())
     assert report["world"] == 2 and len(report["ranks"]) == 2
+    assert report["config"]["exchange_chunks"] == 2 and "pipelined" in proc.stdout
     flops = [r["ns_flops"] for r in report["ranks"]]
     per_layer = ns_flops(96, 64, 5) + ns_flops(64, 160, 5) + 3 * ns_flops(32, 32, 5)
     assert sum(flops) == 2 * per_layer  # every matrix orthogonalized once, on one rank
     assert report["planned_imbalance"] == pytest.approx(max(flops) / (sum(flops) / 2))
     # FSDP2 splits each 2-D matrix's rows in halves: the half its owner lacks goes in, and its
-    # update comes back (48x64 + 32x160 values per layer, 2 layers, bf16). The 3 experts are
-    # whole on their ranks (2 + 1): they never move.
+    # update comes back (48x64 + 32x160 values per layer, 2 layers, bf16; two chunks move the
+    # same bytes as one). The 3 experts are whole on their ranks (2 + 1): they never move.
     moved = 2 * (48 * 64 + 32 * 160) * 2 * 2
     assert sum(r["sent"] for r in report["ranks"]) == moved
     assert sum(r["recv"] for r in report["ranks"]) == moved

@@ -59,6 +59,7 @@ BAD_INPUTS = [
     (["bench", "--nproc", "0"], None, 2, "--nproc 0"),
     (["bench", "--steps", "0"], None, 2, "--steps >= 1"),
     (["bench", "--shapes", "12x"], None, 2, "--shapes"),
+    (["bench", "--exchange-chunks", "0"], None, 2, "--exchange-chunks 0"),
     (["demo", "--steps", "-5"], None, 2, "--steps -5"),
     (["slurm", "--nodes", "0"], None, 2, "--nodes"),
     (["ckpt", "{tmp}", "{tmp}"], None, 2, "exists; choose a new folder"),

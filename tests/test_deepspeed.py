@@ -122,7 +122,9 @@ def _train(rank, world, cfg, steps, moe=False, ckpt=None):
             engine.step()
             losses.append(float(loss))
         history.append(_full_fp32(engine, model, stage))
-    return {"history": history, "losses": losses, "ns": _inner(engine).ns_matrices}
+    units = getattr(_inner(engine), "_units", {}).values()
+    return {"history": history, "losses": losses, "ns": _inner(engine).ns_matrices,
+            "chunks": sorted({len(u.optimizer.exchange.chunks) for u in units})}
 
 
 def _inner(engine):
@@ -162,6 +164,20 @@ def test_zero_stages_match_single_process(stage, world):
     for r in results:
         _assert_close(r["history"], reference, 2e-5)
     # Exactly once: every matrix orthogonalized by one rank per step, none redundantly.
+    assert sum(r["ns"] for r in results) == MUON_MATRICES * steps
+
+
+def test_exchange_chunks_from_the_json():
+    """``"exchange_chunks"`` in the JSON params reaches every partition's exchange; the
+    pipelined steps match the reference as the unpipelined ones do."""
+    steps, world = 2, 2
+    cfg = _config(2, world)
+    cfg["optimizer"]["params"]["exchange_chunks"] = 3
+    results = run_ranks(world, _train, cfg, steps, timeout=300)
+    reference = _reference(world, steps)
+    for r in results:
+        assert r["chunks"] == [3]
+        _assert_close(r["history"], reference, 2e-5)
     assert sum(r["ns"] for r in results) == MUON_MATRICES * steps
 
 
@@ -427,9 +443,12 @@ def test_unknown_option_lists_what_the_json_takes():
     with pytest.raises(TypeError) as err:
         DeepSpeedMuon(_model().parameters(), bogus_option=1)
     message = str(err.value)
-    for name in ("bogus_option", "comm_dtype", "plan", "adamw_betas", "ns_schedule"):
+    for name in ("bogus_option", "comm_dtype", "plan", "adamw_betas", "ns_schedule",
+                 "exchange_chunks"):
         assert name in message, message
     assert "process_group" not in message and "sharding" not in message, message
+    with pytest.raises(ValueError, match="exchange_chunks=0 is not valid"):
+        DeepSpeedMuon(_model().parameters(), exchange_chunks=0)
 
 
 def test_unnamed_parameters_without_an_engine_are_refused():

@@ -254,7 +254,8 @@ def _traffic_worker(rank, world):
         make, _ = _layout_fns(layout, world)
         opt = DistributedMuon(_groups([make(t) for t in params]), lr=LR)
         ex, lay = opt.exchange, opt.layout
-        routes = {"to_owners": ex.route_to_owners, "to_holders": ex.route_to_holders}
+        (chunk,) = ex.chunks  # unpipelined: one all-to-all each way
+        routes = {"to_owners": chunk.to_owners, "to_holders": chunk.to_holders}
         out[layout] = {
             "plan": opt.plan,
             "pieces": lay.pieces,

@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
                             help=f"{text} (default {default})")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
-    parser.add_argument("--ns-method", choices=("standard", "gram"), default="standard",
-                        help="dmuon's Newton-Schulz iteration (default standard)")
+    parser.add_argument("--dmuon", action="append", default=[], metavar="KEY=VALUE",
+                        help="a --dmuon-* option of --optimizer dmuon, e.g. ns_method=gram or "
+                        "comm_dtype=fp32 (repeatable; VALUE is JSON or a bare string)")
     parser.add_argument("--out", help="append the result as one JSON line to this file")
     args = parser.parse_args(argv)
     for name in ("tp", "ep", *SIZES):
@@ -103,6 +104,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ok, message in rules:
         if not ok:
             parser.error(message)
+    overrides = {}
+    for item in args.dmuon:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--dmuon {item!r}: use KEY=VALUE, e.g. ns_method=gram")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string: ns_method=gram
+    if overrides and args.optimizer != "dmuon":
+        parser.error("--dmuon options apply to --optimizer dmuon only")
+    args.dmuon = overrides
     return args
 
 
@@ -180,11 +193,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             use_distributed_optimizer=False, use_layer_wise_distributed_optimizer=True,
             **common)
     elif args.optimizer == "dmuon":
-        import distributed_muon.integrations.megatron_optimizer  # noqa: F401  (registers dmuon)
+        from distributed_muon.integrations import megatron_optimizer  # registers dmuon
 
         opt_config = OptimizerConfig(optimizer="dmuon", use_distributed_optimizer=True,
                                      **common)
-        opt_config.dmuon_ns_method = args.ns_method
+        for key, value in args.dmuon.items():  # what the --dmuon-* flags set
+            if key not in megatron_optimizer.FLAGS:
+                fail(f"--dmuon {key}: not a --dmuon-* option (valid: "
+                     f"{', '.join(sorted(megatron_optimizer.FLAGS))})")
+            setattr(opt_config, f"dmuon_{key}", value)
     else:
         opt_config = OptimizerConfig(optimizer="adam", use_distributed_optimizer=True, **common)
     extra = {} if layout is None else {"full_param_layout": layout}
@@ -284,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer": args.optimizer, "world": world, "tp": args.tp, "ep": args.ep,
             "dp": world // args.tp, "expert_dp": world // args.ep,
             **{name: getattr(args, name) for name in SIZES}, "lr": args.lr,
-            "ns_method": args.ns_method if args.optimizer == "dmuon" else None,
+            "dmuon": args.dmuon if args.optimizer == "dmuon" else None,
             "tokens_per_step": args.seq * args.micro_batch * args.accum * world // args.tp,
             "step_ms": summary([1e3 * t for t in slowest[:, 0].tolist()]),
             "optimizer_ms": summary([1e3 * t for t in slowest[:, 1].tolist()]),
@@ -322,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                 once = (f", exactly once: {'yes' if result['exactly_once'] else 'NO'} "
                         f"({result['ns_matrices']} orthogonalized, {matrices} matrices x "
                         f"{steps} steps = {matrices * steps})")
-            print(f"{args.optimizer} tp={args.tp} ep={args.ep} dp={result['dp']}: step "
+            name = " ".join([args.optimizer, *(f"{k}={v}" for k, v in args.dmuon.items())])
+            print(f"{name} tp={args.tp} ep={args.ep} dp={result['dp']}: step "
                   f"{step['median']:.1f} ms (min {step['min']:.1f}, max {step['max']:.1f}), "
                   f"optimizer {opt['median']:.1f} ms (min {opt['min']:.1f}, max "
                   f"{opt['max']:.1f}), peak {result['peak_memory_gib']:.2f} GiB, setup "

@@ -29,7 +29,7 @@ def test_cuda_step_matches_cpu():
         assert rel(got.detach().cpu() - p0, want - p0) < 1e-4
 
 
-def _nccl_worker(rank, world):
+def _nccl_worker(rank, world, chunks=1):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -37,7 +37,7 @@ def _nccl_worker(rank, world):
     mesh = init_device_mesh("cuda", (world,))
     ps = [torch.nn.Parameter(distribute_tensor(t.cuda(), mesh, [Shard(0)])) for t in params]
     opt = DistributedMuon(_groups(ps), lr=0.02, weight_decay=0.1, ns_dtype="fp32",
-                          comm_dtype="fp32")
+                          comm_dtype="fp32", exchange_chunks=chunks)
     for g in grads:
         for p, gi in zip(ps, g):
             p.grad = None if gi is None else distribute_tensor(gi.cuda(), mesh, [Shard(0)])
@@ -52,6 +52,19 @@ def test_nccl_fsdp2_matches_one_process():
     expected = single_process(params, grads)
     world = min(4, torch.cuda.device_count())
     for rank, got in enumerate(run_ranks(world, _nccl_worker, backend="nccl", timeout=300)):
+        for x, want, p0 in zip(got, expected, params):
+            assert rel(x - p0, want - p0) < 1e-4, rank
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_pipelined_exchange_matches_one_process():
+    """Async all-to-alls on NCCL streams: a missed wait would unpack stale values. (Bits may
+    differ from K=1 on GPUs, where a smaller batched matmul may take another kernel.)"""
+    params, grads = full_tensors()
+    expected = single_process(params, grads)
+    world = min(4, torch.cuda.device_count())
+    for rank, got in enumerate(run_ranks(world, _nccl_worker, 3, backend="nccl", timeout=300)):
         for x, want, p0 in zip(got, expected, params):
             assert rel(x - p0, want - p0) < 1e-4, rank
 

@@ -30,6 +30,7 @@ overlaps chunk k's Newton-Schulz with the transfers of its neighbours.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -244,12 +245,10 @@ class Exchange:
         self._allocate_batches()
         self._allocate_local(local_shapes, local_dtype)
         to_owners, to_holders = _routings(layout, plan)
-        self.chunks = tuple(
-            Chunk(batches, inward, outward) for batches, inward, outward in zip(
-                self._sub_batches(chunks), self._routes(to_owners.split(self._chunk_of, chunks),
-                                                         towards_owner=True),
-                self._routes(to_holders.split(self._chunk_of, chunks), towards_owner=False),
-                strict=True))
+        inward = self._routes(to_owners.split(self._chunk_of, chunks), towards_owner=True)
+        outward = self._routes(to_holders.split(self._chunk_of, chunks), towards_owner=False)
+        self.chunks = tuple(Chunk(*parts) for parts in zip(self._sub_batches(chunks), inward,
+                                                            outward, strict=True))
 
     # ------------------------------------------------------------ buffers
 
@@ -270,22 +269,17 @@ class Exchange:
                 pos += m * n
 
     def _sub_batches(self, chunks: int) -> list[tuple[Batch, ...]]:
-        """Per chunk, the part of each batch in it (a contiguous range: `chunk_of_matrices`);
-        with one chunk, the batches themselves."""
-        if chunks == 1:
-            return [tuple(self.batches)]
+        """Per chunk, the part of each batch in it (one contiguous range of the batch:
+        `chunk_of_matrices`), its view a narrow of the batch's."""
         parts: list[list[Batch]] = [[] for _ in range(chunks)]
         for b in self.batches:
             start = 0
-            for k in range(chunks):
-                stop = start
-                while stop < len(b.matrices) and self._chunk_of[b.matrices[stop]] == k:
-                    stop += 1
-                if stop > start:
-                    parts[k].append(Batch(options=b.options, m=b.m, n=b.n,
-                                          matrices=b.matrices[start:stop],
-                                          view=b.view.narrow(0, start, stop - start)))
-                start = stop
+            for k, run in itertools.groupby(b.matrices, key=self._chunk_of.__getitem__):
+                count = len(list(run))
+                parts[k].append(Batch(options=b.options, m=b.m, n=b.n,
+                                      matrices=b.matrices[start:start + count],
+                                      view=b.view.narrow(0, start, count)))
+                start += count
         return [tuple(p) for p in parts]
 
     def _allocate_local(self, local_shapes: list[torch.Size], dtype: torch.dtype) -> None:

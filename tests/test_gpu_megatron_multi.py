@@ -26,6 +26,8 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import re  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -211,6 +213,12 @@ def _worker(rank: int, world: int, tp: int, ep: int, init: dict | None, ckpt: st
             out["resume_differ"] = [k for k in after if not torch.equal(after[k], again[k])]
             out["ns_resumed"], _ = _counts(opt)
         return out
+    except BaseException:
+        # Printed at once: a peer stuck in a collective would otherwise hide it behind a
+        # timeout (run_ranks reads the ranks' results in order).
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         ps.destroy_model_parallel()
 

@@ -1,7 +1,7 @@
 """The pipelined exchange (``exchange_chunks=K``): the same update bit for bit as K=1.
 
-One process launch per world size (1-4) runs every layout and every K, so the whole file
-stays fast: FSDP2 row shards (33 rows: ragged), column shards, ZeRO-like ragged flat ranges
+One launch of 4 ranks runs every world size (1-4, each the first ranks of the launch in a
+process group of their own), every layout and every K, so the whole file stays fast: FSDP2 row shards (33 rows: ragged), column shards, ZeRO-like ragged flat ranges
 of one concatenated buffer (cuts inside rows and across parameters), and replicas (DDP);
 matrices of several shapes in param groups with different NS options (schedule, steps,
 dtype, method, scale), 3-D experts that get no gradient on one step, and a fused QKV.
@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from multiproc import run_ranks
-from test_distributed import _layout_fns
 
 from distributed_muon import DistributedMuon
 from distributed_muon.exchange import chunk_of_matrices
@@ -42,6 +41,7 @@ GROUPS = [
 N_MATRICES = 1 + 1 + 3 + 3 + 1 + 1
 CHUNKS = (2, 3, 12)  # 12: more chunks than matrices (10), some empty on every rank
 LAYOUTS = ("fsdp2", "fsdp2_cols", "zero", "replicated")
+WORLDS = (1, 2, 3, 4)
 
 
 def _tensors():
@@ -61,10 +61,11 @@ class _FlatRanges:
 
     The optimizer sees the full tensors only as handles; values live in ``flat``."""
 
-    def __init__(self, params: list[torch.Tensor], rank: int, world: int) -> None:
+    def __init__(self, params: list[torch.Tensor], group) -> None:
         import torch.distributed as dist
 
-        self.group = dist.group.WORLD
+        self.group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
         sizes = [p.numel() for p in params]
         total = sum(sizes)
         # Ragged cuts: rank r gets about (r + 1) shares, so every range has its own length.
@@ -105,13 +106,16 @@ class _FlatRanges:
                             stop=start + length)]
 
 
-def _build(layout: str, world: int, rank: int, chunks: int):
-    """(optimizer, step(grads), local values) for one layout."""
+def _build(layout: str, mesh, chunks: int):
+    """(optimizer, step(grads), local values) for one layout over ``mesh``'s ranks."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     params, _ = _tensors()
-    kwargs = {"exchange_chunks": chunks, "lr": 0.02, "weight_decay": 0.1}
+    kwargs = {"exchange_chunks": chunks, "lr": 0.02, "weight_decay": 0.1,
+              "process_group": mesh.get_group()}
     if layout == "zero":
         handles = [p.clone() for p in params]
-        sharding = _FlatRanges(handles, rank, world)
+        sharding = _FlatRanges(handles, mesh.get_group())
         opt = DistributedMuon(_groups(handles), sharding=sharding, **kwargs)
 
         def step(grads):
@@ -119,8 +123,14 @@ def _build(layout: str, world: int, rank: int, chunks: int):
             opt.step()
 
         return opt, step, lambda: [sharding.flat.clone()]
-    make, make_grad = _layout_fns(layout, world)  # DDP replicas, FSDP2 row or column shards
-    ps = [make(t) for t in params]
+
+    def make_grad(t):
+        if layout == "replicated":
+            return t.clone()
+        placement = Shard(1) if layout == "fsdp2_cols" and t.ndim >= 2 else Shard(0)
+        return distribute_tensor(t.clone(), mesh, [placement])
+
+    ps = [torch.nn.Parameter(make_grad(t)) for t in params]
     opt = DistributedMuon(_groups(ps), **kwargs)
 
     def step(grads):
@@ -149,7 +159,9 @@ def _buffers(opt) -> list[int]:
 
 
 def _worker(rank, world):
+    """Every world size as the first ``w`` ranks of this launch (a process group each)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
     calls = []
     original = dist.all_to_all_single
@@ -160,56 +172,64 @@ def _worker(rank, world):
 
     dist.all_to_all_single = counting  # the exchange looks it up on every call
     _, grads = _tensors()
+    meshes = {w: DeviceMesh("cpu", list(range(w))) for w in WORLDS}  # every rank joins each
     out = {}
     try:
-        for layout in LAYOUTS:
-            res = {}
-            for chunks in (1, *CHUNKS):
-                opt, step, values = _build(layout, world, rank, chunks)
-                before = _buffers(opt)
-                per_step = []
-                for g in grads:
-                    calls.clear()
-                    step(g)
-                    per_step.append(len(calls))
-                ex = opt.exchange
-                res[chunks] = {
-                    "values": values(),
-                    "ns": opt.ns_matrices,
-                    # One process alone in its group (replicas at world 1) skips collectives.
-                    "calls": per_step if ex.group is not None else None,
-                    "same_buffers": _buffers(opt) == before,
-                    # Each direction's chunk buffers are narrows of one allocation.
-                    "storages": {len({getattr(c, d).send.untyped_storage().data_ptr()
-                                      for c in ex.chunks if getattr(c, d).send.numel()})
-                                 for d in ("to_owners", "to_holders")} - {0},
-                    "whole": sorted(m for b in ex.batches for m in b.matrices),
-                    "parts": [sorted(m for b in c.batches for m in b.matrices)
-                              for c in ex.chunks],
-                    "views_ok": all(
-                        sb.view.untyped_storage().data_ptr() == ex._batch_flat.untyped_storage(
-                        ).data_ptr() and sb.view.shape == (len(sb.matrices), sb.m, sb.n)
-                        for c in ex.chunks for sb in c.batches),
-                }
-            out[layout] = res
+        for w, mesh in meshes.items():
+            if rank < w:
+                out[w] = _run_layouts(mesh, grads, calls)
     finally:
         dist.all_to_all_single = original
     return out
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_pipelined_updates_are_bit_identical(world, tmp_path):
-    if world == 1:  # in this process: one spawn fewer
-        import torch.distributed as dist
+def _run_layouts(mesh, grads, calls):
+    out = {}
+    for layout in LAYOUTS:
+        res = {}
+        for chunks in (1, *CHUNKS):
+            opt, step, values = _build(layout, mesh, chunks)
+            before = _buffers(opt)
+            per_step = []
+            for g in grads:
+                calls.clear()
+                step(g)
+                per_step.append(len(calls))
+            ex = opt.exchange
+            res[chunks] = {
+                "values": values(),
+                "ns": opt.ns_matrices,
+                "world": opt.layout.world_size,
+                # One process alone in its group (replicas at world 1) skips collectives.
+                "calls": per_step if ex.group is not None else None,
+                "same_buffers": _buffers(opt) == before,
+                # Each direction's chunk buffers are narrows of one allocation.
+                "storages": {len({getattr(c, d).send.untyped_storage().data_ptr()
+                                  for c in ex.chunks if getattr(c, d).send.numel()})
+                             for d in ("to_owners", "to_holders")} - {0},
+                "whole": sorted(m for b in ex.batches for m in b.matrices),
+                # A batch cut between chunks: NS on part of it must give the same bits.
+                "split": len([sb for c in ex.chunks for sb in c.batches]) > len(ex.batches),
+                "parts": [sorted(m for b in c.batches for m in b.matrices)
+                          for c in ex.chunks],
+                "views_ok": all(
+                    sb.view.untyped_storage().data_ptr() == ex._batch_flat.untyped_storage(
+                    ).data_ptr() and sb.view.shape == (len(sb.matrices), sb.m, sb.n)
+                    for c in ex.chunks for sb in c.batches),
+            }
+        out[layout] = res
+    return out
 
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
-                                world_size=1)
-        try:
-            results = [_worker(0, 1)]
-        finally:
-            dist.destroy_process_group()
-    else:
-        results = run_ranks(world, _worker, timeout=240)
+
+@pytest.fixture(scope="module")
+def launch():
+    """One launch of 4 ranks runs every world size, layout and number of chunks."""
+    return run_ranks(max(WORLDS), _worker, timeout=240)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_pipelined_updates_are_bit_identical(world, launch):
+    results = [r[world] for r in launch[:world]]
     for layout in LAYOUTS:
         for rank, res in enumerate(results):
             base = res[layout][1]
@@ -223,6 +243,7 @@ def test_pipelined_updates_are_bit_identical(world, tmp_path):
                     assert got["calls"] == [2 * chunks] * STEPS, (layout, rank, chunks)
                 assert got["same_buffers"] and got["views_ok"], (layout, rank, chunks)
                 assert got["storages"] <= {1}, (layout, rank, chunks)
+                assert got["world"] == world
                 # The chunks' sub-batches are the whole batches' matrices, each once.
                 assert sorted(m for p in got["parts"] for m in p) == got["whole"]
                 assert len(got["parts"]) == chunks
@@ -231,6 +252,8 @@ def test_pipelined_updates_are_bit_identical(world, tmp_path):
             assert sum(r[layout][chunks]["ns"] for r in results) == N_MATRICES * STEPS
         # The pipeline is not vacuous: with 2 chunks some rank works in both.
         assert any(all(res[layout][2]["parts"]) for res in results), layout
+    assert any(res[layout][k]["split"] for res in results for layout in LAYOUTS
+               for k in CHUNKS)
     # The update moved the weights (bit-identity of two no-ops would prove nothing).
     params, _ = _tensors()
     if world == 1:
@@ -293,3 +316,25 @@ def test_megatron_flag_maps_to_exchange_chunks(tmp_path):
         assert opt.inner.exchange_chunks == 3 and len(opt.inner.exchange.chunks) == 3
     finally:
         dist.destroy_process_group()
+
+
+def test_diagnostics_do_not_depend_on_the_chunks():
+    """The sampled matrix is the first of each whole batch, not of each chunk's part."""
+    params, grads = _tensors()
+    measured = {}
+    for chunks in (1, 12):
+        ps = [torch.nn.Parameter(t.clone()) for t in params]
+        opt = DistributedMuon(_groups(ps), exchange_chunks=chunks, diagnostics_every=1)
+        assert len(opt.exchange.chunks) == chunks
+        # The QKV batch (3 matrices) is cut: its last block is orthogonalized in a later chunk.
+        assert (chunks > 1) == any(len(sb.matrices) == 2 for c in opt.exchange.chunks
+                                   for sb in c.batches)
+        for p, g in zip(ps, grads[0]):
+            p.grad = g
+        opt.step()
+        measured[chunks] = {k: v for k, v in opt.diagnostics().items()
+                            if not k.startswith("rank") and k != "ns_imbalance"}
+    assert sum(1 for v in measured[12].values() if v == v) > N_MATRICES  # not all NaN
+    assert measured[12].keys() == measured[1].keys()
+    for key, value in measured[1].items():
+        assert value == pytest.approx(measured[12][key], nan_ok=True), key

@@ -1,10 +1,11 @@
 """The pipelined exchange (``exchange_chunks=K``): the same update bit for bit as K=1.
 
 One launch of 4 ranks runs every world size (1-4, each the first ranks of the launch in a
-process group of their own), every layout and every K, so the whole file stays fast: FSDP2 row shards (33 rows: ragged), column shards, ZeRO-like ragged flat ranges
-of one concatenated buffer (cuts inside rows and across parameters), and replicas (DDP);
-matrices of several shapes in param groups with different NS options (schedule, steps,
-dtype, method, scale), 3-D experts that get no gradient on one step, and a fused QKV.
+process group of their own), every layout and every K, so the whole file stays fast. Layouts:
+FSDP2 row shards (33 rows: ragged), column shards, ZeRO-like ragged flat ranges of one
+concatenated buffer (cuts inside rows and across parameters), and replicas (DDP); matrices of
+several shapes in param groups with different NS options (schedule, steps, dtype, method,
+scale), 3-D experts that get no gradient on one step, and a fused QKV.
 """
 
 from __future__ import annotations

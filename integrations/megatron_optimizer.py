@@ -438,6 +438,7 @@ def _model_space_checkpoints(wrapper: Any, inner: MegatronMuon,
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
         return {"param_state": state, "param_groups": groups, "step": inner.steps}
 
+    @torch.no_grad()  # a main shard of an fp32 parameter is a view of the parameter itself
     def load_state_dict(state_dict: dict[str, Any]) -> None:
         loaded = state_dict["param_state"]
         keys = {id(p): k for p, k in inner.state_keys()}
@@ -531,6 +532,26 @@ def _patched_get_optimizer(original: Callable) -> Callable:
     return get_megatron_optimizer
 
 
+def _patched_emerging(original: Callable) -> Callable:
+    """megatron-core >= 0.19 sends every optimizer but adam/sgd to its emerging-optimizer
+    builder: route dmuon from there too, for a ``get_megatron_optimizer`` bound (``from ...
+    import``) before this module patched it."""
+
+    @functools.wraps(original)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs["config"] if "config" in kwargs else args[0]
+        if getattr(config, "optimizer", None) != "dmuon":
+            return original(*args, **kwargs)
+        names = ("config", "model_chunks", "config_overrides", "pg_collection")
+        kwargs.update(zip(names, args, strict=False))
+        import megatron.core.optimizer as core_optimizer
+
+        return core_optimizer.get_megatron_optimizer(**kwargs)
+
+    build.dmuon = True
+    return build
+
+
 def _training_args() -> Any:
     module = sys.modules.get("megatron.training.global_vars")
     if module is None:
@@ -567,6 +588,9 @@ def register() -> None:
         fn = getattr(module, "get_megatron_optimizer", None)
         if fn is not None and not getattr(fn, "dmuon", False):
             module.get_megatron_optimizer = _patched_get_optimizer(fn)
+    emerging = getattr(core_optimizer, "_get_megatron_emerging_optimizer", None)  # >= 0.19
+    if emerging is not None and not getattr(emerging, "dmuon", False):
+        core_optimizer._get_megatron_emerging_optimizer = _patched_emerging(emerging)
     try:
         from megatron.training import arguments
     except ImportError:  # megatron-core < 0.19 ships no megatron.training

@@ -67,6 +67,9 @@ class Backend:
     def last_lr(self) -> float:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Before the process group is destroyed: release what the framework holds on it."""
+
     def qk_stats(self) -> dict[str, float | int]:
         """What QK-clip did in the last step (``qk_clipped`` heads, ``max_logit``); {} off."""
         return {}

@@ -79,6 +79,16 @@ class Megatron(Backend):
         self.model.zero_grad_buffer()
         return self.model
 
+    def close(self) -> None:
+        # As Megatron's own tests end: drain the GPU, meet, then drop its groups. On one H200
+        # (2026-11-23) a rank hung in destroy_process_group at exit without this; that it is
+        # enough was not verified on a GPU (docs/megatron.md).
+        from megatron.core import parallel_state as ps
+
+        torch.cuda.synchronize()
+        dist.barrier()
+        ps.destroy_model_parallel()
+
     def _set_lr(self) -> None:
         lr = self.cfg.peak_lr * self.lr_factor(self.steps_done)
         for group in self.opt.param_groups:  # Megatron's scheduler would do this

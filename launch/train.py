@@ -77,9 +77,13 @@ def _launch(cfg: TrainConfig) -> dict:
 
 def _rank_main(cfg: TrainConfig) -> None:
     device = init_process_group_from_env(cfg.device)
+    trainer = None
     try:
-        Trainer(cfg, device).run()
+        trainer = Trainer(cfg, device)
+        trainer.run()
     finally:
+        if trainer is not None:
+            trainer.backend.close()
         end_process_group()
 
 

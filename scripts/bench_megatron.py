@@ -148,10 +148,11 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(DDP-wrapped model, Megatron optimizer, TransformerConfig) for ``args.optimizer``."""
     import torch
     from distributed_muon.integrations.megatron_spec import local_gpt_block_spec
+    from megatron.core import optimizer as mcore_optimizer
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import Float16Module
@@ -206,7 +207,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         opt_config = OptimizerConfig(optimizer="adam", use_distributed_optimizer=True, **common)
     extra = {} if layout is None else {"full_param_layout": layout}
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, **extra)
-    return ddp, get_megatron_optimizer(opt_config, [ddp]), config
+    # Looked up at call time: importing the adapter above patches the module's function.
+    return ddp, mcore_optimizer.get_megatron_optimizer(opt_config, [ddp]), config
 
 
 def batches(args: argparse.Namespace) -> list[tuple[Any, Any, Any]]:

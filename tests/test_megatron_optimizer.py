@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core")
 
@@ -24,6 +25,22 @@ def test_import_patches_get_megatron_optimizer_once():
     mo.register()  # idempotent: no wrapper around the wrapper
     assert core_optimizer.get_megatron_optimizer is patched
     assert not getattr(patched.__wrapped__, "dmuon", False)
+
+
+def test_a_get_megatron_optimizer_bound_before_the_import_builds_dmuon(monkeypatch):
+    # megatron-core >= 0.19 sends dmuon to its emerging-optimizer builder; 0.16 has none.
+    if not hasattr(core_optimizer, "_get_megatron_emerging_optimizer"):
+        pytest.skip("megatron-core < 0.19: no emerging-optimizer builder to route from")
+    seen = []
+    monkeypatch.setattr(mo, "get_dmuon_optimizer",
+                        lambda config, chunks, **kw: seen.append((config, chunks, kw)) or "built")
+    early = core_optimizer.get_megatron_optimizer.__wrapped__  # as `from ... import` saw it
+    config = OptimizerConfig(optimizer="dmuon", lr=1e-3)
+    chunks = [torch.nn.Linear(2, 2)]
+    assert early(config, chunks) == "built"
+    assert seen[0][0] is config and seen[0][1] is chunks
+    with pytest.raises((ValueError, ImportError)):  # Megatron's own refusal, untouched
+        early(OptimizerConfig(optimizer="no_such", lr=1e-3), chunks)
 
 
 def test_other_optimizers_reach_megatron_untouched():

@@ -70,7 +70,8 @@ class Backend:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Before the process group is destroyed: release what the framework holds on it."""
+        """After a successful run, before the process group is destroyed: release what the
+        framework holds on it (may run collectives; not called after a failure)."""
 
     def qk_stats(self) -> dict[str, float | int]:
         """What QK-clip did in the last step (``qk_clipped`` heads, ``max_logit``); {} off."""

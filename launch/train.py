@@ -77,13 +77,11 @@ def _launch(cfg: TrainConfig) -> dict:
 
 def _rank_main(cfg: TrainConfig) -> None:
     device = init_process_group_from_env(cfg.device, BACKENDS[cfg.backend].bind_device)
-    trainer = None
     try:
         trainer = Trainer(cfg, device)
         trainer.run()
+        trainer.backend.close()  # not after a failure: its collectives could wait on a dead rank
     finally:
-        if trainer is not None:
-            trainer.backend.close()
         end_process_group()
 
 

@@ -81,6 +81,9 @@ def _rank_main(cfg: TrainConfig) -> None:
         trainer = Trainer(cfg, device)
         trainer.run()
         trainer.backend.close()  # not after a failure: its collectives could wait on a dead rank
+        # Free the model and the framework's engine while the group is alive, as before: the
+        # group's threads must not outlive it (the abort described in `launch.local`).
+        del trainer
     finally:
         end_process_group()
 

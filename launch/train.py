@@ -81,8 +81,9 @@ def _rank_main(cfg: TrainConfig) -> None:
         trainer = Trainer(cfg, device)
         trainer.run()
         trainer.backend.close()  # not after a failure: its collectives could wait on a dead rank
-        # Free the model and the framework's engine while the group is alive, as before: the
-        # group's threads must not outlive it (the abort described in `launch.local`).
+        # Free the model and the framework's engine while the group is alive, the order of
+        # before `close` existed: with them alive, a srun-launched DeepSpeed rank once aborted
+        # at exit (the teardown abort of `launch.local`; the cause is not proven).
         del trainer
     finally:
         end_process_group()

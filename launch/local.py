@@ -10,7 +10,8 @@ group is alive aborts now and then during interpreter teardown (``terminate call
 an active exception``, SIGABRT, no Python frame on the stack): a C++ thread of the group is
 destroyed unjoined. `end_process_group` destroys the group first; spawned ranks then leave
 with ``os._exit`` once their result is reported, so nothing that belongs to a finished run
-depends on the interpreter's teardown.
+depends on the interpreter's teardown. Helper processes a rank started (a library's
+multiprocessing Manager) are ended first: ``os._exit`` skips their cleanup.
 """
 
 from __future__ import annotations
@@ -123,6 +124,22 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _end_children(grace_s: float = 5.0) -> None:
+    """Stop the helper processes this rank started and did not stop (megatron-core's checkpoint
+    writer leaves a multiprocessing Manager running). ``os._exit`` skips multiprocessing's own
+    cleanup, and such a child keeps the rank's stdout open: a caller reading it to the end
+    (``dmuon train | tee``, ``subprocess.run``) would wait forever."""
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.exitcode is None:
+            child.kill()
+            child.join(1.0)
+
+
 def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple,
              conn: multiprocessing.connection.Connection) -> None:
     status: tuple = ("ok",)
@@ -142,6 +159,7 @@ def _spawned(local_rank: int, world: int, port: int, fn: Callable, args: tuple,
         conn.close()
         end_process_group()
     finally:
+        _end_children()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -95,3 +95,39 @@ def test_bind_device_decides_nccl_eager_init(monkeypatch, bind):
     assert seen["backend"] == "nccl" and dev == torch.device("cuda", 0)
     assert seen["device_id"] == (dev if bind else None)
     assert BACKENDS["megatron"].bind_device is False and BACKENDS["fsdp2"].bind_device is True
+
+
+_HELPER_USER = '''
+import multiprocessing as mp
+
+from distributed_muon.launch.local import spawn
+
+_queue = None
+
+
+def start_a_manager() -> None:
+    global _queue  # kept alive, as megatron-core's checkpoint writer keeps its results queue
+    _queue = mp.get_context("spawn").Manager().Queue()
+
+
+if __name__ == "__main__":
+    spawn(start_a_manager, 1)
+    print("returned")
+'''
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_leaves_no_helper_process_holding_the_output(tmp_path):
+    """A library's helper process (megatron-core's dist_checkpointing starts a multiprocessing
+    Manager and never stops it) inherits the rank's stdout. A spawned rank leaves with
+    ``os._exit``, which skips multiprocessing's own cleanup: unless `spawn` ends such children,
+    ``dmuon train ... | tee log`` never sees the end of its output (seen on 2 H200)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(_HELPER_USER)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "returned"

@@ -44,8 +44,6 @@ class Backend:
 
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
-    # Whether the process group binds the rank's GPU (`local.init_process_group_from_env`).
-    bind_device: ClassVar[bool] = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device, lr_factor: LrFactor) -> None:
         self.cfg, self.device, self.lr_factor = cfg, device, lr_factor

@@ -71,11 +71,8 @@ def _env_rank() -> tuple[int, int, int]:
             int(os.environ.get("SLURM_LOCALID", 0)))
 
 
-def init_process_group_from_env(device: str = "auto", bind_device: bool = True) -> torch.device:
+def init_process_group_from_env(device: str = "auto") -> torch.device:
     """Join the job's process group; returns this rank's device.
-
-    ``bind_device``: on CUDA, pass ``device_id`` (NCCL's eager init; later groups are then
-    split from the default communicator). False leaves NCCL lazy, as Megatron initializes it.
 
     ``device``: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``. A multi-node SLURM job
     must export ``MASTER_ADDR`` (the first host of ``SLURM_JOB_NODELIST``; `dmuon slurm`
@@ -99,7 +96,7 @@ def init_process_group_from_env(device: str = "auto", bind_device: bool = True) 
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                device_id=dev if use_cuda and bind_device else None)
+                                device_id=dev if use_cuda else None)
     return dev
 
 

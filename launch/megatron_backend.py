@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 class Megatron(Backend):
     name = "megatron"
     checkpoint_format = "megatron_torch_dist"
-    # Megatron creates dozens of groups. With a bound device each is an NCCL split of the
-    # default communicator, and on 2 H200 (torch 2.11) a rank then hung in
-    # destroy_process_group. Megatron itself initializes NCCL lazily; so do we here.
-    bind_device = False
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -84,8 +80,7 @@ class Megatron(Backend):
         return self.model
 
     def close(self) -> None:
-        # As Megatron's own tests end: drain the GPU, meet, then drop its groups (with
-        # `bind_device`, the fix for the exit hang; not yet verified on a GPU).
+        # As Megatron's own tests end: drain the GPU, meet, then drop its groups.
         from megatron.core import parallel_state as ps
 
         torch.cuda.synchronize()

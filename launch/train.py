@@ -76,7 +76,7 @@ def _launch(cfg: TrainConfig) -> dict:
 
 
 def _rank_main(cfg: TrainConfig) -> None:
-    device = init_process_group_from_env(cfg.device, BACKENDS[cfg.backend].bind_device)
+    device = init_process_group_from_env(cfg.device)
     try:
         trainer = Trainer(cfg, device)
         trainer.run()

@@ -273,11 +273,6 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.xfail(reason="on 2 H200 (2026-11-23) the run trained and saved, then hung in "
-                   "destroy_process_group at exit, and its resume failed on an in-place copy "
-                   "into an fp32 parameter; both are fixed (load under no_grad; lazy NCCL "
-                   "and Backend.close) "
-                   "but not yet run on a GPU (docs/megatron.md)", strict=False)
 def test_dmuon_train_megatron_backend_trains_and_resumes(tmp_path):
     """`dmuon train --backend megatron` (Megatron's DDP, distributed optimizer, --optimizer
     dmuon): the loss falls like FSDP2's on the same data, and a resume from its torch_dist

@@ -76,27 +76,6 @@ def test_nproc_must_be_positive():
     assert free_port() > 0
 
 
-@pytest.mark.parametrize("bind", [True, False])
-def test_bind_device_decides_nccl_eager_init(monkeypatch, bind):
-    # The megatron backend joins without device_id (NCCL lazy, as Megatron does): with it, every
-    # Megatron group is an NCCL split, and a rank hung at exit on GPUs.
-    from distributed_muon.launch import local
-    from distributed_muon.launch.backends import BACKENDS
-
-    seen = {}
-    monkeypatch.setattr(local.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(local.torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(local.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(local.dist, "init_process_group", lambda backend, **kw: seen.update(
-        backend=backend, **kw))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    dev = init_process_group_from_env("cuda", bind_device=bind)
-    assert seen["backend"] == "nccl" and dev == torch.device("cuda", 0)
-    assert seen["device_id"] == (dev if bind else None)
-    assert BACKENDS["megatron"].bind_device is False and BACKENDS["fsdp2"].bind_device is True
-
-
 _HELPER_USER = '''
 import multiprocessing as mp
 

@@ -27,6 +27,7 @@ from distributed_muon.exchange import Batch, Exchange, check_chunks
 from distributed_muon.layout import ShardLayout
 from distributed_muon.options import (
     MOMENTUM_FORMS,
+    NS_DTYPES,
     DTypeLike,
     check_choice,
     check_range,
@@ -107,8 +108,10 @@ class DistributedMuon(Optimizer):
     Args mirror ``torch.optim.Muon`` where it has them (``lr``, ``momentum``, ``nesterov``,
     ``weight_decay``, ``eps``, ``ns_steps``; ``scale`` is its ``adjust_lr_fn``). Dtype options
     accept ``torch.bfloat16``/``"bf16"``/``"bfloat16"`` and ``torch.float32``/``"fp32"``/
-    ``"float32"``. ``ns_method`` is ``"standard"`` or ``"gram"`` (Gram Newton-Schulz: the same
-    map, fewer FLOPs for wide matrices; see `distributed_muon.orthogonalize`). Group keys beyond
+    ``"float32"``; ``ns_dtype`` also ``torch.float16``/``"fp16"`` (not ``comm_dtype``: the
+    exchanged momenta are not normalized, and fp16 tops out at 65504). ``ns_method`` is
+    ``"standard"`` or ``"gram"`` (Gram Newton-Schulz: the same map, fewer FLOPs for wide
+    matrices; see `distributed_muon.orthogonalize`). Group keys beyond
     the options: ``use_muon`` (True/False/None = auto),
     ``row_blocks`` (split of a fused weight's rows) and ``matrix_view`` ("experts"/"flatten").
 
@@ -500,7 +503,7 @@ def validate_group(group: dict[str, Any]) -> None:
     steps = group["ns_steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
         raise ValueError(f"ns_steps={steps!r} is not valid: must be an integer in [1, 100]")
-    group["ns_dtype"] = parse_dtype(group["ns_dtype"], "ns_dtype")
+    group["ns_dtype"] = parse_dtype(group["ns_dtype"], "ns_dtype", NS_DTYPES)
     check_method(group["ns_method"])
     check_range("eps", group["eps"], 0.0)
     if group["adamw_lr"] is not None:

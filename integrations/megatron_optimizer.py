@@ -47,7 +47,7 @@ COEFFICIENTS = {"quintic": "jordan", "polar_express": "polar_express"}
 # flag here starts with it.
 FLAGS: dict[str, tuple[type, Any, str]] = {
     "ns_method": (str, "standard", "Newton-Schulz iteration: standard or gram"),
-    "ns_dtype": (str, "bf16", "dtype of the Newton-Schulz iteration: bf16 or fp32"),
+    "ns_dtype": (str, "bf16", "dtype of the Newton-Schulz iteration: bf16, fp16 or fp32"),
     "comm_dtype": (str, "bf16", "dtype of the gradient/update exchange: bf16 or fp32"),
     "plan": (str, "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin"),
     "exchange_chunks": (int, 1, "pipeline the exchange with Newton-Schulz in this many chunks "

@@ -55,11 +55,13 @@ from collections.abc import Callable
 import torch
 
 from distributed_muon.cost import CostTable, measure, time_call
-from distributed_muon.options import parse_dtype
+from distributed_muon.options import NS_DTYPES, parse_dtype
 from distributed_muon.orthogonalize import (
     GRAM_RESTART,
+    GRAM_RESTART_FP16,
     NSOptions,
     gram_is_cheaper,
+    gram_restart,
     newton_schulz_flops,
     orthogonalize,
     symmetric_kernel_available,
@@ -81,6 +83,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) < 1:
         raise argparse.ArgumentTypeError(f"shape {text!r}: use MxN or BxMxN")
     return dims[0], dims[1], dims[2]
+
+
+def restart_of(args: argparse.Namespace, dtype: torch.dtype) -> int:
+    return gram_restart(dtype) if args.restart is None else args.restart
 
 
 def path_of(method: str, m: int, n: int, steps: int, restart: int) -> str:
@@ -140,11 +146,12 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> list[dict]:
                                  "standard" if m == n else "gram",
                                  str(ds_dtype).removeprefix("torch."))]
                     else:
-                        flops = b * newton_schulz_flops(m, n, args.steps, method, args.restart)
+                        restart = restart_of(args, dtype)
+                        flops = b * newton_schulz_flops(m, n, args.steps, method, restart)
                         runs = [(kernel, functools.partial(
                                     orthogonalize, X, schedule, args.steps, dtype, method=method,
-                                    restart=args.restart, kernel=kernel), flops,
-                                 path_of(method, m, n, args.steps, args.restart),
+                                    restart=restart, kernel=kernel), flops,
+                                 path_of(method, m, n, args.steps, restart),
                                  str(dtype).removeprefix("torch."))
                                 for kernel in args.kernels]
                     for kernel, call, flops, path, dtype_name in runs:
@@ -156,6 +163,8 @@ def run_timing(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         rows.append({
                             "shape": [b, m, n], "dtype": dtype_name, "schedule": schedule,
                             "method": method, "kernel": kernel, "path": path,
+                            "restart": (restart_of(args, dtype) if path == "gram"
+                                        and method != "deepspeed" else None),
                             "ms": seconds * 1e3, "gflop": flops / 1e9,
                             "tflops": flops / seconds / 1e12,
                             "std_eq_tflops": std_flops / seconds / 1e12,
@@ -283,11 +292,13 @@ def run_accuracy(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         else:
                             O = orthogonalize(X, schedule, args.steps, dtype, method=method,
                                               restart=args.restart).double().cpu()
-                            path = path_of(method, m, n, args.steps, args.restart)
+                            path = path_of(method, m, n, args.steps, restart_of(args, dtype))
                         sv = torch.linalg.svdvals(O)
                         row = {
                             "shape": [m, n], "input": kind, "schedule": schedule,
                             "method": method, "path": path,
+                            "restart": (restart_of(args, dtype) if path == "gram"
+                                        and method != "deepspeed" else None),
                             "dtype": str(dtype).removeprefix("torch."),
                             "err_uv": float((O - polar).norm() / polar.norm()),
                             "err_ns": float((O - exact).norm() / exact.norm()),
@@ -324,8 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4,
                    help="--cost-table: matrices per timed call (the seconds are per matrix)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--restart", type=int, default=GRAM_RESTART,
-                   help="Gram: restart from X every this many steps (0: never)")
+    p.add_argument("--restart", type=int, default=None,
+                   help="Gram: restart from X every this many steps (0: never; default "
+                   f"{GRAM_RESTART}, {GRAM_RESTART_FP16} in fp16)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--accuracy", action="store_true",
@@ -339,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     default_shapes = (ACCURACY_SHAPES if args.accuracy else PRODUCT_SHAPES if args.products
                       else COST_SHAPES if args.cost_table else DEFAULT_SHAPES)
     args.shapes = [parse_shape(s) for s in (args.shapes or default_shapes).split(",")]
-    args.dtypes = [parse_dtype(d, "--dtypes") for d in
+    args.dtypes = [parse_dtype(d, "--dtypes", NS_DTYPES) for d in
                    (args.dtypes or ("bf16" if args.products else "bf16,fp32")).split(",")]
     args.kernels = (args.kernels or ("torch,triton" if symmetric_kernel_available(device)
                                      else "torch")).split(",")
@@ -372,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         report = {
             "command": " ".join(["python", *sys.argv]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "steps": args.steps, "restart": args.restart,
+            "torch": torch.__version__, "steps": args.steps,
+            "restart": "per dtype" if args.restart is None else args.restart,
             "kind": "accuracy" if args.accuracy else "products" if args.products else "timing",
             **extra, "rows": rows,
         }

@@ -323,6 +323,19 @@ def test_dtype_strings_are_accepted():
                             ("fp32", torch.float32), ("float32", torch.float32)]:
         opt = DistributedMuon([torch.zeros(4, 4)], ns_dtype=spelling, comm_dtype=spelling)
         assert opt.param_groups[0]["ns_dtype"] == dtype and opt.comm_dtype == dtype
+    for spelling in ("fp16", "float16", "half", torch.float16):
+        opt = DistributedMuon([torch.zeros(4, 4)], ns_dtype=spelling)
+        assert opt.param_groups[0]["ns_dtype"] == torch.float16
+
+
+def test_fp16_is_refused_for_the_exchange_and_bad_dtypes_name_the_choices():
+    with pytest.raises(ValueError, match=r"comm_dtype='fp16' is not supported: use one of "
+                                         r"\['bfloat16', 'bf16', 'float32'"):
+        DistributedMuon([torch.zeros(4, 4)], comm_dtype="fp16")
+    with pytest.raises(ValueError, match=r"ns_dtype='int8' is not a dtype: use one of .*'fp16'"):
+        DistributedMuon([torch.zeros(4, 4)], ns_dtype="int8")
+    with pytest.raises(ValueError, match=r"ns_dtype=torch.int8 is not supported"):
+        DistributedMuon([torch.zeros(4, 4)], ns_dtype=torch.int8)
 
 
 def test_constructor_defaults_are_the_option_table():

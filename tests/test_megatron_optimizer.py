@@ -18,6 +18,8 @@ from distributed_muon.integrations import megatron_optimizer as mo  # noqa: E402
 from megatron.core import optimizer as core_optimizer  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
+from distributed_muon import DistributedMuon  # noqa: E402
+
 
 def test_import_patches_get_megatron_optimizer_once():
     patched = core_optimizer.get_megatron_optimizer
@@ -76,8 +78,11 @@ def test_scale_modes(mode, factor, want):
 def test_dmuon_flags_override():
     config = OptimizerConfig(optimizer="dmuon")
     config.dmuon_scale, config.dmuon_ns_method = "original", "gram"
+    config.dmuon_ns_dtype = "fp16"
     opts = mo.dmuon_options(config)
     assert (opts["scale"], opts["scale_factor"], opts["ns_method"]) == ("original", 1.0, "gram")
+    assert DistributedMuon([torch.zeros(4, 8)], ns_dtype=opts["ns_dtype"]).param_groups[0][
+        "ns_dtype"] == torch.float16
 
 
 @pytest.mark.parametrize("field, value, words", [

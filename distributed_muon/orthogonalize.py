@@ -77,6 +77,8 @@ GRAM_RESTART_FP16 = 3
 def gram_restart(dtype: torch.dtype) -> int:
     """Gram Newton-Schulz's restart interval in compute dtype ``dtype``."""
     return GRAM_RESTART_FP16 if dtype == torch.float16 else GRAM_RESTART
+
+
 # Gram saves FLOPs exactly when n > GRAM_MIN_ASPECT * m (see `newton_schulz_flops`).
 GRAM_MIN_ASPECT = 1.5
 

@@ -9,16 +9,19 @@ Layout, ownership plan and exchange buffers are built once, at construction.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
@@ -31,6 +34,7 @@ from distributed_muon.options import (
     DTypeLike,
     check_choice,
     check_range,
+    dtype_name,
     parse_dtype,
 )
 from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
@@ -53,7 +57,7 @@ GROUP_OPTIONS: dict[str, Any] = {
     "scale": "match_rms_adamw",
     "ns_schedule": "jordan",
     "ns_steps": 5,
-    "ns_dtype": torch.bfloat16,
+    "ns_dtype": "bf16",  # a string, so group values stay plain data (torch DCP, JSON)
     "ns_method": "standard",  # or "gram"; the GPU default waits for a GPU benchmark (issue 12)
     "eps": 1e-7,
     "adamw_lr": None,
@@ -147,7 +151,7 @@ class DistributedMuon(Optimizer):
         scale: str = "match_rms_adamw",
         ns_schedule: str | list = "jordan",
         ns_steps: int = 5,
-        ns_dtype: DTypeLike = torch.bfloat16,
+        ns_dtype: DTypeLike = "bf16",
         eps: float = 1e-7,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -172,12 +176,9 @@ class DistributedMuon(Optimizer):
         args = locals()
         defaults = group_defaults(**{k: args[k] for k in GROUP_OPTIONS if k in args})
         self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
-        self._built = False
         super().__init__(params, defaults)
-        if sharding is None:
-            all_params = [p for g in self.param_groups for p in g["params"]]
-            sharding = infer_sharding(all_params, process_group)
-        self.sharding = sharding
+        # Optimizer-wide choices, kept to rebuild the layout when the parameters change.
+        self._sharding_arg, self._process_group, self._strategy = sharding, process_group, plan
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.ns_matrices = 0  # matrices this rank has orthogonalized, over all steps
@@ -187,15 +188,14 @@ class DistributedMuon(Optimizer):
         if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
             raise ValueError(f"diagnostics_every={diagnostics_every!r} is not valid: an integer "
                              ">= 0 (0: off)")
+        self._diagnostics_every = diagnostics_every
         self._ns_cost = resolve_ns_cost(ns_cost)
         check_chunks(exchange_chunks)
         self.exchange_chunks = exchange_chunks
-        self._setup(plan)
         self._steps = 0  # step() calls, skipped ones included (alike on every rank)
-        self._diagnostics = Diagnostics(
-            diagnostics_every, self.layout, matrix_labels(self.layout, self._muon_labels),
-            self.sharding.group, self.exchange.local.device) if diagnostics_every else None
-        self._built = True
+        self._warned_no_grad = False
+        self._setup()
+        _warn_unnamed_matrices(self.param_groups)
 
     # ---------------------------------------------------------------- setup
 
@@ -205,17 +205,71 @@ class DistributedMuon(Optimizer):
         for group in self.param_groups:
             for key, value in GROUP_OPTIONS.items():
                 group.setdefault(key, value)
+            if isinstance(group["ns_dtype"], torch.dtype):  # saved before dtypes were strings
+                group["ns_dtype"] = dtype_name(group["ns_dtype"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DistributedMuon:
+        """A working copy: groups, state and options are copied, the process group and a
+        given sharding adapter are shared, and layout, plan and exchange are built anew for
+        the copied parameters (collective, like construction)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        shared = {"_sharding_arg", "_process_group", *self._RUNTIME}
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
+        clone._setup()
+        return clone
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_built", False):
-            raise RuntimeError(
-                "DistributedMuon plans its layout at construction: build a new optimizer over "
-                "all parameter groups instead of calling add_param_group later"
-            )
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
+        # The layout is rebuilt for the new parameters at the next step (`_sync_layout`).
 
-    def _setup(self, strategy: str) -> None:
+    # What `_setup` builds from the parameters: rebuilt, never copied, when they change.
+    _RUNTIME = ("sharding", "layout", "plan", "exchange", "_diagnostics", "_muon", "_adamw",
+                "_muon_group_of", "_muon_labels", "_ns_options", "_sampled", "_built_for")
+
+    def _param_ids(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
+
+    def _sync_layout(self) -> None:
+        """Rebuild layout, plan and exchange if the groups' parameters are no longer those
+        they were built for: Accelerate's ``prepare`` and HF Trainer swap the parameters of an
+        optimizer built before ``fully_shard`` for the sharded ones. Collective; every rank
+        sees the same change (it happens at the same point of every rank's program)."""
+        if self._param_ids() == self._built_for:
+            return
+        current = {id(p) for g in self.param_groups for p in g["params"]}
+        stale = [p for p in self.state if id(p) not in current and self.state[p]]
+        if stale:
+            raise RuntimeError(
+                f"DistributedMuon: the parameters changed after {len(stale)} of them got "
+                "optimizer state (momentum would be lost): build the optimizer over the final "
+                "(sharded/wrapped) parameters, or change them before the first step")
+        if self.qk_clip is not None and any(
+                id(w) not in current for t in self.qk_clip.targets for w in (t.q_weight,
+                                                                             t.k_weight)):
+            raise RuntimeError(
+                "DistributedMuon: the parameters changed after register_qk: call register_qk "
+                "with the new (sharded) weights on an optimizer built over them")
+        log.info("DistributedMuon: parameters changed since the layout was built (e.g. by "
+                 "fully_shard or accelerate's prepare): rebuilding it")
+        for key in ("_muon", "_adamw"):  # drop the old parameters before building anew
+            setattr(self, key, [])
+        self._setup()
+
+    def _setup(self) -> None:
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        complex_params = [p for p in all_params if p.is_complex()]
+        if complex_params:
+            raise ValueError(
+                f"DistributedMuon does not support complex parameters (shape "
+                f"{tuple(complex_params[0].shape)}): optimize torch.view_as_real of them, or "
+                "leave them to another optimizer")
+        sharding = self._sharding_arg
+        if sharding is None:
+            sharding = infer_sharding(all_params, self._process_group)
+        self.sharding = sharding
         muon: list[torch.Tensor] = []
         specs: list[MatrixSpec] = []
         keys: list[Hashable] = []
@@ -255,13 +309,19 @@ class DistributedMuon(Optimizer):
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
         costs = matrix_costs(self.layout.matrices, self._ns_cost, self.sharding.group, device)
-        self.plan = OwnershipPlan.build(self.layout, costs, strategy)
+        self.plan = OwnershipPlan.build(self.layout, costs, self._strategy)
+        # In one process nothing travels: Newton-Schulz reads the momentum at full precision.
+        buffer_dtype = self.comm_dtype if self.sharding.group is not None else local_dtype
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
-            local_dtype, self.comm_dtype, self.exchange_chunks,
+            local_dtype, buffer_dtype, self.exchange_chunks,
         )
         # The matrices the diagnostics sample: the first of each whole batch, whatever the chunks.
         self._sampled = frozenset(b.matrices[0] for b in self.exchange.batches)
+        self._diagnostics = Diagnostics(
+            self._diagnostics_every, self.layout, matrix_labels(self.layout, self._muon_labels),
+            self.sharding.group, self.exchange.local.device) if self._diagnostics_every else None
+        self._built_for = self._param_ids()
 
     def register_qk(self, recorder: MaxLogitRecorder, q_weight: torch.Tensor,
                     k_weight: torch.Tensor | None = None, *, head_dim: int, q_row: int = 0,
@@ -293,6 +353,35 @@ class DistributedMuon(Optimizer):
         {} before the first or when off. Keys are listed in `diagnostics.summarize`."""
         return dict(self._diagnostics.last) if self._diagnostics is not None else {}
 
+    # ---------------------------------------------------------------- state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict, with the state of a DTensor parameter (FSDP2, HSDP) as
+        a DTensor of that parameter's placements, sharing storage with the local state. So
+        ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) knows
+        which shard each rank holds and can reshard it; no collective runs."""
+        out = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, state in out["state"].items():
+            p = params[index]
+            if isinstance(p, DTensor):
+                out["state"][index] = {k: _as_dtensor(v, p) for k, v in state.items()}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of `state_dict`'s form (DTensor state, possibly resharded by torch
+        DCP) or of the older one (each rank's local state); the state must match each
+        parameter's local shard, else nothing is loaded."""
+        before = self.state, self.param_groups  # torch's load builds new ones of each
+        try:
+            super().load_state_dict(state_dict)
+            for p, state in self.state.items():
+                local_shape = p.to_local().shape if isinstance(p, DTensor) else None
+                state.update({k: _local_state(v, p, k, local_shape) for k, v in state.items()})
+        except Exception:
+            self.state, self.param_groups = before
+            raise
+
     def plan_summary(self) -> str:
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
         return self.plan.summary(self.layout, self.comm_dtype.itemsize,
@@ -306,6 +395,7 @@ class DistributedMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_layout()
         for gi, group in enumerate(self.param_groups):
             if ns_options(group) != self._ns_options[gi]:
                 raise RuntimeError(
@@ -318,6 +408,13 @@ class DistributedMuon(Optimizer):
             else None
         grads = [self.sharding.local_grad(p) for p in self._muon]
         adamw_grads = [self.sharding.local_grad(p) for _, p in self._adamw]
+        if self._muon and all(g is None for g in grads) and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"DistributedMuon: step {self._steps} found no gradient on any of its "
+                f"{len(self._muon)} Muon parameters (none will move): were its parameters "
+                "replaced after it was built (e.g. by fully_shard) without being swapped in its "
+                "param groups? Build it after wrapping the model", stacklevel=2)
         self.last_step_skipped = not self._all_finite(grads + adamw_grads)
         if self.last_step_skipped:
             self.skipped_steps += 1
@@ -461,6 +558,52 @@ class DistributedMuon(Optimizer):
             torch._foreach_addcdiv_(params, m, denom, step_sizes)
 
 
+def _as_dtensor(value: Any, param: DTensor) -> Any:
+    """``value`` (a local state tensor shaped like ``param``'s shard) as a DTensor laid out
+    like ``param``; scalars (AdamW's step) and anything else unchanged."""
+    local = param.to_local()
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor) \
+            or value.shape != local.shape or value.ndim == 0:
+        return value
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def _local_state(value: Any, param: torch.Tensor, key: str,
+                 local_shape: torch.Size | None) -> Any:
+    """The local tensor the step works on, from a loaded state value."""
+    if isinstance(value, DTensor):
+        if not isinstance(param, DTensor) or value.placements != param.placements \
+                or value.shape != param.shape:
+            raise ValueError(
+                f"state {key!r} of a parameter of shape {tuple(param.shape)} was loaded as a "
+                f"DTensor of shape {tuple(value.shape)} and placements {value.placements}: load "
+                "it with torch.distributed.checkpoint's set_optimizer_state_dict, which "
+                "reshards it to the parameter's layout")
+        value = value.to_local()
+    if local_shape is not None and value.ndim > 0 and value.shape != local_shape:
+        raise ValueError(
+            f"state {key!r} has shape {tuple(value.shape)} but this rank's shard of the "
+            f"{tuple(param.shape)} parameter is {tuple(local_shape)}: the state dict was saved "
+            "at another world size or layout; save and load with torch.distributed.checkpoint "
+            "(get/set_optimizer_state_dict) or distributed_muon.checkpoint to reshard")
+    return value
+
+
+def _warn_unnamed_matrices(groups: list[dict[str, Any]]) -> None:
+    """Warn once when parameters without names go to Muon by shape alone: an embedding or an
+    output head among them would be orthogonalized (HF Trainer hands over unnamed groups)."""
+    if sum(len(g["params"]) for g in groups) < 2:
+        return
+    unnamed = sum(p.ndim >= 2 for g in groups if g["use_muon"] is None
+                  and not g.get("param_names") for p in g["params"])
+    if unnamed:
+        warnings.warn(
+            f"DistributedMuon: {unnamed} unnamed parameter(s) of 2+ dims go to Muon by shape, "
+            "embeddings and output heads included: pass muon_param_groups(model) (or "
+            "model.named_parameters()) so those get AdamW", stacklevel=3)
+
+
 def group_defaults(**options: Any) -> dict[str, Any]:
     """`DistributedMuon`'s per-group defaults with ``options`` applied (for adapters that build
     the optimizer from a config). An unknown name raises, listing the valid ones."""
@@ -471,8 +614,9 @@ def group_defaults(**options: Any) -> dict[str, Any]:
 
 
 def _adamw_lr(group: dict[str, Any]) -> float:
-    """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``."""
-    if group["adamw_lr"] is None:
+    """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``; 0 when
+    ``lr`` is 0 (a frozen step, e.g. torch DCP's state initialization, moves nothing)."""
+    if group["adamw_lr"] is None or group["lr"] == 0:
         return group["lr"]
     initial = group.get("initial_lr")  # set by torch.optim.lr_scheduler
     return group["adamw_lr"] * (group["lr"] / initial if initial else 1.0)
@@ -481,6 +625,7 @@ def _adamw_lr(group: dict[str, Any]) -> float:
 def ns_options(group: dict[str, Any]) -> NSOptions:
     """The `NSOptions` of a (validated) param group: its matrices' batching key."""
     values = {field: group[key] for field, key in NS_OPTION_KEYS.items()}
+    values["dtype"] = parse_dtype(values["dtype"], "ns_dtype", NS_DTYPES)
     if not isinstance(values["schedule"], str):  # a custom list: hashable, as floats
         values["schedule"] = tuple(tuple(float(x) for x in c) for c in values["schedule"])
     return NSOptions(**values)
@@ -503,7 +648,7 @@ def validate_group(group: dict[str, Any]) -> None:
     steps = group["ns_steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
         raise ValueError(f"ns_steps={steps!r} is not valid: must be an integer in [1, 100]")
-    group["ns_dtype"] = parse_dtype(group["ns_dtype"], "ns_dtype", NS_DTYPES)
+    group["ns_dtype"] = dtype_name(parse_dtype(group["ns_dtype"], "ns_dtype", NS_DTYPES))
     check_method(group["ns_method"])
     check_range("eps", group["eps"], 0.0)
     if group["adamw_lr"] is not None:

@@ -51,3 +51,10 @@ def check_range(option: str, value: float, low: float, high: float = math.inf) -
     if not isinstance(value, (int, float)) or not (low <= value <= high) or math.isnan(value):
         bound = f"[{low}, {high}]" if high != math.inf else f">= {low}"
         raise ValueError(f"{option}={value!r} is not valid: must be a number {bound}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short JSON spelling of a dtype ("bf16", "fp16", "fp32", "fp64"): how dtypes are
+    stored in param groups, which must hold plain data (torch DCP, JSON configs)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+            torch.float64: "fp64"}[dtype]

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
 from distributed_muon.optimizer import GROUP_OPTIONS, STRUCTURAL_OPTIONS, DistributedMuon
+from distributed_muon.options import dtype_name
 from distributed_muon.params import MatrixSpec
 
 _PREFIX = "dmuon/"
@@ -67,7 +68,9 @@ def _group_options(opt: DistributedMuon) -> list[dict[str, Any]]:
 
 
 def state_dict(opt: DistributedMuon) -> dict[str, Any]:
-    """This rank's part of the topology-free state, ready for ``dcp.save``."""
+    """This rank's part of the topology-free state, ready for ``dcp.save``. Collective when the
+    optimizer's parameters changed since its last step (its layout is rebuilt first)."""
+    opt.sync_layout()
     out: dict[str, Any] = {}
     params_meta = {}
     for name, p, spec in _entries(opt):
@@ -106,6 +109,7 @@ def save(opt: DistributedMuon, checkpoint_id: str, extra: Mapping[str, Any] | No
 def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None = None) -> None:
     """Load state saved by `save`, at any world size and layout, into ``opt`` (and ``extra``
     in place, as ``dcp.load`` does). Collective over the optimizer's process group."""
+    opt.sync_layout()
     group = opt.sharding.group
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     if _META not in metadata:
@@ -122,6 +126,8 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
     for gi, (options, saved) in enumerate(
         zip(opt.param_groups, meta["param_groups"], strict=True)
     ):
+        if isinstance(saved.get("ns_dtype"), torch.dtype):  # written before dtypes were strings
+            saved["ns_dtype"] = dtype_name(saved["ns_dtype"])
         for key in STRUCTURAL_OPTIONS:
             # Options added after a checkpoint was written have their default there.
             saved.setdefault(key, GROUP_OPTIONS[key])

@@ -62,6 +62,10 @@ from distributed_muon.sharding import Sharding
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
 _OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost", "exchange_chunks")
+# JSON names -> DistributedMuon options. As in DeepSpeed's own Muon, "betas" and "eps" are the
+# Adam part's (HF's Trainer fills them from adam_beta1/2 and adam_epsilon when "auto"), so
+# Newton-Schulz's eps is "ns_eps" here.
+JSON_NAMES = {"betas": "adamw_betas", "eps": "adamw_eps", "ns_eps": "eps"}
 
 
 class FlatSharding:
@@ -107,7 +111,9 @@ class DeepSpeedMuon(Optimizer):
     """`DistributedMuon` as DeepSpeed's inner optimizer; built by DeepSpeed from the JSON config.
 
     ``params`` are the model parameters (or groups) DeepSpeed passes; options are
-    `DistributedMuon`'s, dtypes may be strings (``"bf16"``, ``"fp32"``). Parameters are named from
+    `DistributedMuon`'s, dtypes may be strings (``"bf16"``, ``"fp32"``), except that, as in
+    DeepSpeed's own Muon, ``betas`` and ``eps`` are the AdamW part's (``adamw_betas``,
+    ``adamw_eps``) and Newton-Schulz's eps is ``ns_eps`` (`JSON_NAMES`). Parameters are named from
     the calling DeepSpeed engine's module when the groups carry no names, so embeddings and
     output heads go to AdamW by the core's name rule. Every option is checked here, before the
     first step.
@@ -131,6 +137,7 @@ class DeepSpeedMuon(Optimizer):
                  plan: str = "lpt", qk_clip_tau: float | None = None,
                  ns_cost: str | None = None, exchange_chunks: int = 1,
                  **options: Any) -> None:
+        options = json_options(options)
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
             raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
@@ -326,6 +333,19 @@ class DeepSpeedMuon(Optimizer):
         buf = state["momentum_buffer"]
         for p, (_, length, offset) in unit.sharding.fragments.items():
             inner.state[p] = {"momentum_buffer": buf.narrow(0, offset, length)}
+
+
+def json_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON ``params`` as `DistributedMuon` options (see `JSON_NAMES`); a value given under
+    both of its names is refused rather than one silently winning."""
+    for json_name, option in JSON_NAMES.items():
+        # "ns_eps" and "eps" are two options (Newton-Schulz's and AdamW's), not one.
+        if json_name in params and option in params and option not in JSON_NAMES:
+            raise ValueError(
+                f"DistributedMuon: the DeepSpeed config sets both \"{json_name}\" and "
+                f"\"{option}\", one option under two names (in the JSON, as in DeepSpeed's "
+                f"Muon, \"{json_name}\" is the AdamW part's): keep one")
+    return {JSON_NAMES.get(k, k): v for k, v in params.items()}
 
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:

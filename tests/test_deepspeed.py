@@ -418,7 +418,8 @@ def _bad_config_worker(rank, world, cases):
 BAD_CONFIGS = [
     ({"momentum": 1.5}, {}, "momentum"),
     ({"ns_dtype": "int8"}, {}, "ns_dtype"),
-    ({"lr": 0.02, "betas": [0.9, 0.95]}, {}, "adamw_betas"),
+    ({"betas": [0.9, 0.95], "adamw_betas": [0.9, 0.95]}, {}, "adamw_betas"),
+    ({"eps": 1e-8, "adamw_eps": 1e-8}, {}, "\"eps\" is the AdamW part's"),
     ({"bogus_option": 1}, {}, "unknown DistributedMuon option"),
     ({"scale": "bogus"}, {}, "scale"),
     ({"plan": "random"}, {}, "plan"),

@@ -4,7 +4,8 @@ A step flows one way (DESIGN 2):
 
     local momentum -> to owners -> batched NS + shape scale on owners -> to holders -> update
 
-Layout, ownership plan and exchange buffers are built once, at construction.
+Layout, ownership plan and exchange buffers are built at construction, and again at the next
+step if the param groups' parameters are replaced (`DistributedMuon.sync_layout`).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ class DistributedMuon(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
-        # The layout is rebuilt for the new parameters at the next step (`_sync_layout`).
+        # The layout is rebuilt for the new parameters at the next step (`sync_layout`).
 
     # What `_setup` builds from the parameters: rebuilt, never copied, when they change.
     _RUNTIME = ("sharding", "layout", "plan", "exchange", "_diagnostics", "_muon", "_adamw",
@@ -232,7 +233,7 @@ class DistributedMuon(Optimizer):
     def _param_ids(self) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
 
-    def _sync_layout(self) -> None:
+    def sync_layout(self) -> None:
         """Rebuild layout, plan and exchange if the groups' parameters are no longer those
         they were built for: Accelerate's ``prepare`` and HF Trainer swap the parameters of an
         optimizer built before ``fully_shard`` for the sharded ones. Collective; every rank
@@ -395,7 +396,7 @@ class DistributedMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_layout()
+        self.sync_layout()
         for gi, group in enumerate(self.param_groups):
             if ns_options(group) != self._ns_options[gi]:
                 raise RuntimeError(

@@ -311,8 +311,11 @@ class DistributedMuon(Optimizer):
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
         costs = matrix_costs(self.layout.matrices, self._ns_cost, self.sharding.group, device)
         self.plan = OwnershipPlan.build(self.layout, costs, self._strategy)
-        # In one process nothing travels: Newton-Schulz reads the momentum at full precision.
-        buffer_dtype = self.comm_dtype if self.sharding.group is not None else local_dtype
+        # In one process nothing travels, so the buffer Newton-Schulz reads must not round
+        # the momentum below the iteration's own dtype: comm_dtype only if all NS is bf16.
+        buffer_dtype = self.comm_dtype
+        if self.layout.world_size == 1 and any(k.dtype != torch.bfloat16 for k in keys):
+            buffer_dtype = local_dtype
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
             local_dtype, buffer_dtype, self.exchange_chunks,

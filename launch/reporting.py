@@ -23,10 +23,8 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
     def start_fresh(self) -> None:
-        """A new run: an existing log is kept as ``metrics.previous.jsonl``, not deleted."""
+        """A new run: an empty log (`run_folder` moved an earlier run's log aside first)."""
         if self.writer:
-            if self.path.exists() and self.path.stat().st_size:
-                self.path.replace(self.path.with_suffix(".previous.jsonl"))
             self.path.write_text("")
 
     def resume_at(self, step: int) -> list[dict]:

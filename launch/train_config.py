@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from distributed_muon.launch.backends import BACKENDS
 from distributed_muon.launch.flags import option
-from distributed_muon.launch.local import env_world_size, launched_externally
+from distributed_muon.launch.local import env_world_size, launched_externally, leads_job
 from distributed_muon.launch.run_checkpoint import CheckpointInfo, find_resume_checkpoint
+from distributed_muon.launch.run_folder import check_new_run, move_previous_run
 from distributed_muon.launch.tiny_moe import ModelConfig
 
 OPTIMIZERS = ("muon", "adamw")
@@ -107,7 +108,9 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     except OSError as err:
         raise ValueError(f"--out {cfg.out}: cannot write there ({err.strerror})") from None
     if not cfg.resume:
-        return cfg, []
+        check_new_run(out)
+        moved = move_previous_run(out) if leads_job() else None
+        return cfg, [f"an earlier run's files in {out} moved to {moved}"] if moved else []
     info, notes = find_resume_checkpoint(out / "ckpt")
     _check_resumable(cfg, info)
     return replace(cfg, resume_from=os.fspath(info.path)), notes
@@ -127,6 +130,12 @@ def _check_resumable(cfg: TrainConfig, info: CheckpointInfo) -> None:
     if meta["seed"] != cfg.seed:
         raise ValueError(f"--resume: {where} was trained with --seed {meta['seed']}, "
                          f"not {cfg.seed}")
+    # Batches are a function of (seed, step, batch): another batch size is another data order.
+    trained = meta.get("config", {})
+    if "batch" in trained and trained["batch"] != cfg.batch:
+        raise ValueError(f"--resume: {where} was trained with --batch {trained['batch']}, "
+                         f"not {cfg.batch}; resume with --batch {trained['batch']} or train "
+                         "into a new --out")
     if meta["step"] >= cfg.steps:
         raise ValueError(f"--resume: {where} is at step {meta['step']}, so --steps "
                          f"{cfg.steps} leaves nothing to train; pass --steps above "

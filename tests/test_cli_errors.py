@@ -23,7 +23,8 @@ def _checkpoint(out: Path, step: int = 8, optimizer: str = "muon", seed: int = 0
     tmp = run_checkpoint.begin(out / "ckpt", step)
     (tmp / "__0_0.distcp").write_bytes(os.urandom(256))
     return run_checkpoint.commit(tmp, {"step": step, "optimizer": optimizer, "seed": seed,
-                                       "backend": "fsdp2", "format": "dcp", "world": 2})
+                                       "backend": "fsdp2", "format": "dcp", "world": 2,
+                                       "config": {"batch": 16}})
 
 
 def _corrupt(out: Path) -> None:
@@ -56,6 +57,11 @@ BAD_INPUTS = [
      "written by --optimizer muon"),
     (["train", "--resume", "--steps", "20", "--seed", "3"], _checkpoint, 2, "--seed 0"),
     (["train", "--resume", "--steps", "20"], _corrupt, 2, "does not match its checksum"),
+    # Another batch size is another data order: the resumed run would not continue this one.
+    (["train", "--resume", "--steps", "20", "--batch", "32"], _checkpoint, 2,
+     "was trained with --batch 16, not 32"),
+    # A new run into a folder with a checkpoint would let a later --resume mix two runs.
+    (["train", "--steps", "5"], _checkpoint, 2, "use --resume or a new --out"),
     (["bench", "--nproc", "0"], None, 2, "--nproc 0"),
     (["bench", "--steps", "0"], None, 2, "--steps >= 1"),
     (["bench", "--shapes", "12x"], None, 2, "--shapes"),

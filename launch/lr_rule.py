@@ -26,6 +26,8 @@ import math
 import statistics
 from pathlib import Path
 
+from distributed_muon.launch.metrics_log import read_metrics
+
 ASSUMPTIONS = """\
 Assumptions: (1) the run's peak lr was the best one at its batch size; (2) B_simple
 measured late in this run holds at the new batch size (it grows during training, so the
@@ -58,8 +60,7 @@ def load_run(run: Path, key: str = "model") -> dict:
                          "train): rerun the training")
     g2_field, trace_field = f"noise/{key}/grad_sq_step", f"noise/{key}/trace_cov_step"
     steps, g2, trace = [], [], []
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_metrics(metrics_file):
         if g2_field in record and trace_field in record:
             steps.append(record["step"])
             g2.append(record[g2_field])

@@ -10,40 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per step, appended as training goes."""
-
-    def __init__(self, path: Path, writer: bool) -> None:
-        self.path, self.writer = path, writer
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-    def start_fresh(self) -> None:
-        """A new run: an empty log (`run_folder` moved an earlier run's log aside first)."""
-        if self.writer:
-            self.path.write_text("")
-
-    def resume_at(self, step: int) -> list[dict]:
-        """Keep the records up to ``step`` (the checkpoint's); those past it are redone by the
-        resumed run and move to ``metrics.superseded.jsonl``. Returns the kept records."""
-        records = self.read()
-        keep = [r for r in records if r["step"] <= step]
-        if self.writer:
-            dropped = [r for r in records if r["step"] > step]
-            if dropped:
-                with self.path.with_suffix(".superseded.jsonl").open("a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in dropped))
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        return keep
-
-    def write(self, record: dict) -> None:
-        if self.writer:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+from distributed_muon.launch.metrics_log import MetricsLog
 
 
 class Progress:

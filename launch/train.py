@@ -30,8 +30,8 @@ from distributed_muon.launch.local import (
     leads_job,
     spawn,
 )
+from distributed_muon.launch.metrics_log import MetricsLog
 from distributed_muon.launch.reporting import (
-    MetricsLog,
     Progress,
     compare_report,
     plot_diagnostics,

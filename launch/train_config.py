@@ -12,6 +12,7 @@ import torch
 from distributed_muon.launch.backends import BACKENDS
 from distributed_muon.launch.flags import option
 from distributed_muon.launch.local import env_world_size, launched_externally, leads_job
+from distributed_muon.launch.metrics_log import read_metrics
 from distributed_muon.launch.run_checkpoint import CheckpointInfo, find_resume_checkpoint
 from distributed_muon.launch.run_folder import check_new_run, move_previous_run
 from distributed_muon.launch.tiny_moe import ModelConfig
@@ -113,6 +114,9 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
         return cfg, [f"an earlier run's files in {out} moved to {moved}"] if moved else []
     info, notes = find_resume_checkpoint(out / "ckpt")
     _check_resumable(cfg, info)
+    # Read here, before any rank starts: a damaged line is one line to the user, not a rank's
+    # failure; a cut-off last line is a note.
+    read_metrics(out / "metrics.jsonl", warn=notes.append)
     return replace(cfg, resume_from=os.fspath(info.path)), notes
 
 

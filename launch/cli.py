@@ -233,6 +233,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankFailed as err:
         _report_rank_failure(args.command, args, err)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        print(f"dmuon {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.command != "train":
+        return "interrupted"
+    from distributed_muon.launch.run_folder import interrupted_note
+
+    if args.compare:
+        return "interrupted (continue each of --out/muon and --out/adamw with --resume)"
+    return interrupted_note(Path(args.out))
 
 
 if __name__ == "__main__":

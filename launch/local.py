@@ -178,6 +178,9 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     port = free_port()
     procs, conns = [], []
     finished = False
+    # The ranks inherit an ignored SIGINT: a Ctrl-C reaches this process alone, which stops
+    # them (no traceback from every rank, no rank left waiting in a collective).
+    handler = _set_sigint(signal.SIG_IGN)
     try:
         for rank in range(nproc):
             parent, child = ctx.Pipe(duplex=False)
@@ -187,6 +190,7 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
             child.close()
             procs.append(proc)
             conns.append(parent)
+        _set_sigint(handler)
         pending = dict(enumerate(conns))
         failures: list[tuple[float, RankFailed]] = []  # (when it raised, 0: died)
         deadline = None
@@ -214,6 +218,9 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
         if failures:
             raise min(failures, key=lambda f: (f[0], f[1].rank))[1]
         finished = True
+    except KeyboardInterrupt:
+        _set_sigint(signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        raise
     finally:
         for proc in procs:
             # After a failure the others may wait forever in a collective: stop them now.
@@ -222,6 +229,16 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        _set_sigint(handler)
+
+
+def _set_sigint(handler: Any) -> Any:
+    """Set SIGINT's handler where Python allows it (the main thread); returns the old one."""
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _death(code: int | None) -> str:

@@ -47,3 +47,21 @@ def move_previous_run(out: Path) -> Path | None:
     for path in found:
         os.replace(path, target / path.name)
     return target
+
+
+def interrupted_note(out: Path) -> str:
+    """What a Ctrl-C of a run into ``out`` leaves, and how to continue it, in one line."""
+    from distributed_muon.launch.metrics_log import read_metrics
+
+    try:
+        records = read_metrics(out / "metrics.jsonl", warn=lambda _: None)
+    except ValueError:
+        records = []
+    where = f"interrupted at step {records[-1]['step']}" if records else \
+        "interrupted before the first step"
+    latest = out / "ckpt" / "latest"
+    if not latest.exists():
+        return f"{where}; no checkpoint to resume from (save with --save-every N)"
+    step = int(latest.read_text().strip().removeprefix("step_"))
+    return (f"{where}; last checkpoint step {step}; continue with "
+            f"`dmuon train --out {out} --resume`")

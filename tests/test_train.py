@@ -136,3 +136,29 @@ def test_deepspeed_backend_matches_fsdp2_and_resumes(tmp_path):
     train(fsdp, *flags, "--backend", "fsdp2")
     for a, b in zip(uninterrupted, metrics(fsdp), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(b["loss"]), (a, b)
+
+
+def test_ctrl_c_is_one_line_with_the_step_to_resume_from(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it."""
+    from distributed_muon.launch import run_checkpoint
+    from distributed_muon.launch.metrics_log import read_metrics
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*CLI, "--out", str(out), "--device", "cpu", "--backend", "ddp",
+                             "--steps", "400", "--save-every", "3", "--eval-batches", "1",
+                             "--diagnostics-every", "0"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = out / "ckpt" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    ranks = _rank_pids(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    step = read_metrics(out / "metrics.jsonl")[-1]["step"]  # a kill may cut the last line
+    saved = run_checkpoint.verify(out / "ckpt" / latest.read_text().strip())["step"]
+    assert err.strip() == (f"dmuon train: interrupted at step {step}; last checkpoint step "
+                           f"{saved}; continue with `dmuon train --out {out} --resume`")
+    assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)  # no rank left behind

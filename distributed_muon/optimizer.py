@@ -211,14 +211,14 @@ class DistributedMuon(Optimizer):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DistributedMuon:
         """A working copy: groups, state and options are copied, the process group and a
-        given sharding adapter are shared, and layout, plan and exchange are built anew for
-        the copied parameters (collective, like construction)."""
+        given sharding adapter are shared. Its layout, plan and exchange are built anew at its
+        first step (collective there, as every step is; the copy itself is local)."""
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         shared = {"_sharding_arg", "_process_group", *self._RUNTIME}
         for key, value in self.__dict__.items():
             clone.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
-        clone._setup()
+        clone._built_for = ()  # never equal to its groups: `sync_layout` rebuilds
         return clone
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -52,9 +52,14 @@ class Backend:
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
-        """Refuse a config this backend cannot run (before any rank starts)."""
+        """Refuse flag values this backend cannot run (before any rank starts, also when
+        `dmuon slurm` writes a job for other machines)."""
         if cfg.zero_stage is not None:
             raise ValueError("--zero-stage applies to --backend deepspeed only")
+
+    @classmethod
+    def check_here(cls, cfg: TrainConfig) -> None:
+        """Refuse what this machine lacks for the backend (a package, CUDA)."""
 
     def build(self, model: nn.Module) -> nn.Module:
         """Shard ``model``, make the optimizer and schedule; returns the module to call."""
@@ -204,6 +209,10 @@ class DeepSpeed(Backend):
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
+        pass  # --zero-stage is its own flag
+
+    @classmethod
+    def check_here(cls, cfg: TrainConfig) -> None:
         try:
             import deepspeed  # noqa: F401
         except ImportError as err:

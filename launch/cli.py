@@ -59,26 +59,50 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from distributed_muon.launch.slurm import SlurmConfig, render
+    from distributed_muon.launch.slurm import TRAIN_FLAGS, SlurmConfig, render
+    from distributed_muon.launch.train_config import TrainConfig
 
     style = args.launcher if args.backend in ("fsdp2", "ddp") else args.backend
     train_args = list(args.train_args)
     if train_args[:1] == ["--"]:
         train_args = train_args[1:]
+    if any(a == "--backend" or a.startswith("--backend=") for a in train_args):
+        raise ValueError("--backend after --: give it to dmuon slurm (before --), which picks "
+                         "the launcher for it")
     if args.backend in ("fsdp2", "ddp"):
         train_args = ["--backend", args.backend, *train_args]
     cfg = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                       tasks_per_node=args.tasks_per_node, style=style, job_name=args.job_name,
                       partition=args.partition, time=args.time, port=args.port,
                       python=args.python, train_args=train_args)
+    cfg.validate()
+    # The train flags are checked here exactly as `dmuon train` checks them, against the job's
+    # ranks: a typo should cost one line now, not a queued job that fails.
+    train = _TrainFlags(prog="dmuon train")
+    add_flags(train, TrainConfig)
+    try:
+        from_args(TrainConfig, train.parse_args(TRAIN_FLAGS.get(style, []) + train_args)) \
+            .validate(world=cfg.world)
+    except ValueError as err:
+        raise ValueError(f"after --: {err}") from None
     text = render(cfg)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        _write_script(Path(args.output), text)
         print(f"wrote {args.output}: submit with  sbatch {args.output}")
     else:
         print(text, end="")
     return 0
+
+
+def _write_script(path: Path, text: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"--output {path}: is a folder; name the script, e.g. "
+                         f"{path / 'job.sbatch'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise ValueError(f"--output {path}: cannot write there ({err.strerror})") from None
 
 
 def _ckpt(args: argparse.Namespace) -> int:
@@ -104,18 +128,49 @@ def _plan(args: argparse.Namespace) -> int:
     return main(args)
 
 
-def _version(args: argparse.Namespace) -> int:
+def _version_text() -> str:
     import torch
 
-    print(f"distributed_muon {distributed_muon.__version__} (torch {torch.__version__})")
+    return f"distributed_muon {distributed_muon.__version__} (torch {torch.__version__})"
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(_version_text())
     return 0
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (its default prints the whole usage first)."""
+    """argparse with a one-line error (its default prints the whole usage first), no prefix
+    matching (``--step`` must not pass for ``--steps``) and defaults in every help."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _TrainFlags(_Parser):
+    """`dmuon train`'s flags after `dmuon slurm ... --`: an error is a ValueError."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(f"{message} (see dmuon train --help)")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default X)`` to a flag's help where the help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.default
+                not in (None, False, argparse.SUPPRESS) and action.nargs != 0):
+            default = action.default
+            if isinstance(default, list | tuple):
+                default = " ".join(map(str, default))
+            text += f" (default {default})".replace("%", "%%")
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dmuon", description="Distributed Muon: tools, demos and benchmarks."
     )
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="Muon vs AdamW vs SGD on an ill-conditioned regression")
     demo.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
@@ -146,20 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     slurm = sub.add_parser(
         "slurm", help="render an sbatch script for a multi-node `dmuon train` job",
         description="Render an sbatch script. Arguments after `--` go to `dmuon train`.")
-    slurm.add_argument("--nodes", type=int, default=2)
+    slurm.add_argument("--nodes", type=int, default=2, help="nodes in the job")
     slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes")
     slurm.add_argument("--tasks-per-node", type=int,
                        help="ranks per node (default: one per GPU, 1 without GPUs)")
     slurm.add_argument("--backend", choices=["fsdp2", "ddp", "deepspeed", "megatron"],
-                       default="fsdp2")
+                       default="fsdp2", help="dmuon train --backend (picks the launcher)")
     slurm.add_argument("--launcher", choices=["torchrun", "srun"], default="torchrun",
                        help="for fsdp2/ddp: torchrun per node, or one srun task per rank")
-    slurm.add_argument("--job-name", default="dmuon-train")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--time", default="01:00:00")
+    slurm.add_argument("--job-name", default="dmuon-train", help="sbatch --job-name")
+    slurm.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
+    slurm.add_argument("--time", default="01:00:00",
+                       help="sbatch --time limit: minutes or [D-]HH:MM:SS")
     slurm.add_argument("--port", type=int, default=29500, help="rendezvous port")
     slurm.add_argument("--python", default="python3", help="interpreter on the nodes")
-    slurm.add_argument("--output", "-o", help="write the script here instead of stdout")
+    slurm.add_argument("--output", "-o", help="write the script here (its folder is created) "
+                       "instead of stdout")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, help="-- dmuon train flags")
     slurm.set_defaults(func=_slurm)
     ckpt = sub.add_parser(

@@ -30,7 +30,15 @@ class Megatron(Backend):
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
         super().check(cfg)
-        if cfg.device == "cpu" or not torch.cuda.is_available():
+        if cfg.device == "cpu":
+            raise ValueError("--backend megatron runs on GPUs only (Megatron's DDP and "
+                             "optimizers allocate on CUDA): use --device cuda on a GPU machine")
+        if cfg.qk_clip is not None:
+            raise ValueError("--qk-clip is not supported with --backend megatron yet")
+
+    @classmethod
+    def check_here(cls, cfg: TrainConfig) -> None:
+        if not torch.cuda.is_available():
             raise ValueError("--backend megatron runs on GPUs only (Megatron's DDP and "
                              "optimizers allocate on CUDA): use --device cuda on a GPU machine")
         try:
@@ -40,8 +48,6 @@ class Megatron(Backend):
         if not found:
             raise ValueError("--backend megatron needs megatron-core: pip install "
                              "'distributed-muon[megatron]'")
-        if cfg.qk_clip is not None:
-            raise ValueError("--qk-clip is not supported with --backend megatron yet")
 
     def build(self, model: nn.Module) -> nn.Module:
         import distributed_muon.integrations.megatron_optimizer  # noqa: F401  (registers dmuon)

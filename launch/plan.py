@@ -258,24 +258,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True,
                         help=f"a preset ({', '.join(MODELS)}) or a Hugging Face config.json")
-    parser.add_argument("--layout", choices=LAYOUTS, default="fsdp2")
+    parser.add_argument("--layout", choices=LAYOUTS, default="fsdp2",
+                        help="how the job shards the model")
     parser.add_argument("--gpus", type=int, required=True, help="ranks in the job")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel (megatron)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     parser.add_argument("--replicate", type=int, default=1, help="HSDP replica groups")
-    parser.add_argument("--hardware", choices=sorted(HARDWARE), default="h100")
-    parser.add_argument("--gpus-per-node", type=int)
+    parser.add_argument("--hardware", choices=sorted(HARDWARE), default="h100",
+                        help="the GPU model priced")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the "
+                        "hardware's)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s per GPU")
     parser.add_argument("--ns-efficiency", type=float,
                         help="fraction of the peak Newton-Schulz reaches")
     parser.add_argument("--hbm-gbs", type=float, help="memory GB/s per GPU")
     parser.add_argument("--intra-gbs", type=float, help="GB/s per GPU each way inside a node")
     parser.add_argument("--inter-gbs", type=float, help="GB/s per GPU each way across nodes")
-    parser.add_argument("--ns-steps", type=int, default=5)
+    parser.add_argument("--ns-steps", type=int, default=5, help="Newton-Schulz iterations")
     parser.add_argument("--comm-bytes", type=int, choices=(2, 4), default=2,
                         help="bytes per value exchanged (bf16: 2, fp32: 4)")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
+                        help="ownership strategies to compare")
     parser.add_argument("--json", help="also write the result as JSON here")
 
 

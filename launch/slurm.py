@@ -13,11 +13,18 @@ Launch styles (templates in ``launch/templates/``):
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from importlib import resources
 
 STYLES = ("torchrun", "srun", "deepspeed", "megatron")
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds, or no limit.
+TIME = re.compile(r"\d+(:\d\d){0,2}|\d+-\d+(:\d\d){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+# The flags each template passes to `dmuon train` itself, before the user's.
+TRAIN_FLAGS = {"deepspeed": ["--backend", "deepspeed"],
+               "megatron": ["--backend", "megatron", "--device", "cuda"]}
 
 
 @dataclass
@@ -43,12 +50,28 @@ class SlurmConfig:
             raise ValueError("--style torchrun needs --gpus-per-node or --tasks-per-node")
         if self.style == "megatron" and self.gpus_per_node == 0:
             raise ValueError("--backend megatron runs on GPU nodes only: set --gpus-per-node")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ValueError(f"--tasks-per-node {self.tasks_per_node}: must be at least 1")
+        if not TIME.fullmatch(self.time):
+            raise ValueError(f"--time {self.time}: use Slurm's format, minutes or [D-]HH:MM:SS "
+                             "(e.g. 90, 01:30:00, 2-00:00:00)")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: use a TCP port, 1-65535 (default 29500)")
+
+    @property
+    def per_node(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def world(self) -> int:
+        """The job's ranks: what `dmuon train` will see as its world size."""
+        return self.nodes * self.per_node
 
 
 def render(cfg: SlurmConfig) -> str:
     """The sbatch script text."""
     cfg.validate()
-    per_node = cfg.tasks_per_node or max(cfg.gpus_per_node, 1)
+    per_node = cfg.per_node
     headers = [f"#SBATCH --job-name={cfg.job_name}", f"#SBATCH --nodes={cfg.nodes}",
                f"#SBATCH --time={cfg.time}", "#SBATCH --output=%x-%j.out"]
     if cfg.style in ("torchrun", "megatron"):  # one torchrun per node

@@ -55,8 +55,10 @@ class TrainConfig:
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
-    def validate(self) -> None:
-        """Checks of the values alone; each error names the flag to fix."""
+    def validate(self, world: int | None = None) -> None:
+        """Checks before any rank starts; each error names the flag to fix. ``world``: the
+        ranks of a job for other machines (`dmuon slurm`): then only the values are checked,
+        not what this machine has (CUDA, packages)."""
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend {self.backend!r}: use one of {tuple(BACKENDS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -79,13 +81,21 @@ class TrainConfig:
         if self.qk_clip is not None:
             if not self.qk_clip > 0:
                 raise ValueError(f"--qk-clip {self.qk_clip}: must be a positive number")
-            if self.optimizer != "muon" or self.compare:
-                raise ValueError("--qk-clip is an option of --optimizer muon (drop --compare)")
+            if self.optimizer != "muon":
+                raise ValueError(f"--qk-clip is an option of --optimizer muon, not "
+                                 f"{self.optimizer}: drop --qk-clip or use --optimizer muon")
+            if self.compare:
+                raise ValueError("--qk-clip is an option of --optimizer muon, and --compare "
+                                 "also trains adamw: drop --compare or --qk-clip")
         BACKENDS[self.backend].check(self)
-        world = self.world_size
+        here = world is None
+        world = self.world_size if world is None else world
         if self.batch % world:
             raise ValueError(f"--batch {self.batch} must be a multiple of the {world} ranks "
                              f"(try --batch {max(world, self.batch // world * world)})")
+        if not here:
+            return
+        BACKENDS[self.backend].check_here(self)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available here (torch "
                              f"{torch.__version__}); use --device cpu or auto")

@@ -47,7 +47,10 @@ BAD_INPUTS = [
     (["train", "--optimizer", "sgd"], None, 2, "--optimizer"),
     (["train", "--compare", "--lr", "0.1"], None, 2, "drop --lr"),
     (["train", "--qk-clip", "0"], None, 2, "--qk-clip 0.0: must be a positive number"),
-    (["train", "--qk-clip", "30", "--optimizer", "adamw"], None, 2, "--optimizer muon"),
+    (["train", "--qk-clip", "30", "--optimizer", "adamw"], None, 2,
+     "drop --qk-clip or use --optimizer muon"),
+    (["train", "--qk-clip", "30", "--compare"], None, 2, "drop --compare or --qk-clip"),
+    (["train", "--step", "3"], None, 2, "unrecognized arguments: --step 3"),  # no prefixes
     (["train", "--resume"], None, 2, "no checkpoint"),
     (["train", "--out", "{tmp}/run"], lambda run: run.write_text("x"), 2, "is a file"),
     (["train", "--out", "/proc/dmuon-cannot-write"], None, 2, "cannot write there"),
@@ -68,6 +71,15 @@ BAD_INPUTS = [
     (["bench", "--exchange-chunks", "0"], None, 2, "--exchange-chunks 0"),
     (["demo", "--steps", "-5"], None, 2, "--steps -5"),
     (["slurm", "--nodes", "0"], None, 2, "--nodes"),
+    # `dmuon slurm` checks the train flags after -- as `dmuon train` does, on the job's ranks.
+    (["slurm", "--", "--stpes", "5"], None, 2, "after --: unrecognized arguments: --stpes 5"),
+    (["slurm", "--nodes", "2", "--gpus-per-node", "8", "--", "--batch", "15"], None, 2,
+     "after --: --batch 15 must be a multiple of the 16 ranks"),
+    (["slurm", "--", "--lr", "-1"], None, 2, "after --: --lr -1.0: must be a positive number"),
+    (["slurm", "--", "--backend", "ddp"], None, 2, "--backend after --"),
+    (["slurm", "--time", "banana"], None, 2, "--time banana: use Slurm's format"),
+    (["slurm", "--port", "99999"], None, 2, "--port 99999: use a TCP port"),
+    (["slurm", "-o", "{tmp}"], None, 2, "is a folder; name the script"),
     (["ckpt", "{tmp}", "{tmp}"], None, 2, "exists; choose a new folder"),
 ]
 

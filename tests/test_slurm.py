@@ -71,6 +71,22 @@ def test_cli_renders_and_refuses_bad_input(tmp_path):
     assert bad.returncode == 2 and "GPU nodes only" in bad.stderr
 
 
+def test_cli_creates_the_script_folder_and_accepts_slurm_times(tmp_path, capsys):
+    from distributed_muon.launch.cli import main
+
+    script = tmp_path / "new" / "dir" / "job.sbatch"
+    for time_ in ("90", "2-00:00:00", "1-12", "00:30:00"):
+        assert main(["slurm", "--time", time_, "-o", str(script), "--", "--batch", "32",
+                     "--steps", "5"]) == 0, capsys.readouterr().err
+        assert f"#SBATCH --time={time_}" in script.read_text()
+    # CPU nodes under srun: 3 nodes x 2 ranks, so --batch 12 divides and 16 does not.
+    cpu = ["slurm", "--nodes", "3", "--gpus-per-node", "0", "--tasks-per-node", "2",
+           "--launcher", "srun", "--"]
+    assert main([*cpu, "--batch", "12", "--device", "cpu"]) == 0
+    assert main([*cpu, "--batch", "16"]) == 2
+    assert "multiple of the 6 ranks" in capsys.readouterr().err
+
+
 def _submit(tmp_path: Path, name: str, train_args: list[str], style: str = "srun") -> str:
     backend = ["--backend", "ddp"] if style == "srun" else []  # the deepspeed style sets it
     script = tmp_path / f"{name}.sbatch"

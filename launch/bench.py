@@ -115,6 +115,14 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flop_rate_unit(tflops: float) -> tuple[float, str]:
+    """The scale and unit that print ``tflops`` readably: TFLOP/s on GPUs, GFLOP/s on CPUs."""
+    return (1.0, "TFLOP/s") if tflops >= 1 else (1e3, "GFLOP/s")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,7 +161,8 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
                           exchange_chunks=cfg.exchange_chunks)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
-    peak = matmul_tflops(device)
+    # The peak of the dtype NS runs in (a CPU's bf16 matmuls are far below its fp32 ones).
+    peak = matmul_tflops(device, _DTYPES.get(cfg.ns_dtype, torch.bfloat16))
 
     per_step: list[dict[str, float]] = []
     for step in range(cfg.warmup + cfg.steps):
@@ -190,13 +199,15 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     tflops = [r["ns_flops"] / t / 1e12 if t > 0 else 0.0 for r, t in zip(ranks, ns, strict=True)]
     flops = sum(r["ns_flops"] for r in ranks)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    scale, unit = flop_rate_unit(peak)
     lines = [
         f"distributed_muon bench: {len(opt.layout.matrices)} matrices ({cfg.shapes} x "
         f"{cfg.layers}), "
         f"{sum(m.m * m.n for m in opt.layout.matrices) / 1e6:.1f}M values, layout {cfg.layout}, "
         f"N={world} on {name}, ns {cfg.ns_method} {cfg.ns_dtype}, comm {cfg.comm_dtype}, "
         f"plan {cfg.plan}, exchange chunks {cfg.exchange_chunks}",
-        f"bf16 matmul peak (measured): {peak:.3g} TFLOP/s; NS work {flops / 1e12:.3g} TFLOP/step",
+        f"{cfg.ns_dtype} matmul peak (measured): {peak * scale:.3g} {unit}; NS work "
+        f"{flops / 1e12 * scale:.3g} {unit.removesuffix('/s')}/step",
         "",
         f"{'phase':<14}" + "".join(f"{'rank ' + str(r['rank']):>11}" for r in ranks)
         + f"{'max':>11}",
@@ -207,7 +218,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
                      + f"{phase_max[ph] * 1e3:>11.2f}")
     lines.append(f"{'step ms':<14}" + "".join(f"{t * 1e3:>11.2f}" for t in total)
                  + f"{max(total) * 1e3:>11.2f}")
-    lines.append(f"{'NS TFLOP/s':<14}" + "".join(f"{t:>11.3g}" for t in tflops))
+    lines.append(f"{'NS ' + unit:<14}" + "".join(f"{t * scale:>11.3g}" for t in tflops))
     lines.append(f"{'sent MB':<14}" + "".join(f"{r['sent'] / 1e6:>11.4g}" for r in ranks))
     lines.append(f"{'recv MB':<14}" + "".join(f"{r['recv'] / 1e6:>11.4g}" for r in ranks))
     measured = max(ns) / mean_ns if mean_ns > 0 else 1.0
@@ -229,6 +240,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         "world": world,
         "device": name,
         "matmul_peak_tflops": peak,
+        "matmul_peak_dtype": cfg.ns_dtype,
         "ranks": ranks,
         "planned_imbalance": opt.plan.imbalance(),
         "measured_imbalance": measured,

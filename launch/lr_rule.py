@@ -60,7 +60,15 @@ def load_run(run: Path, key: str = "model") -> dict:
                          "train): rerun the training")
     g2_field, trace_field = f"noise/{key}/grad_sq_step", f"noise/{key}/trace_cov_step"
     steps, g2, trace = [], [], []
-    for record in read_metrics(metrics_file):
+    records = read_metrics(metrics_file)
+    logged = sorted({k.split("/")[1] for r in records for k in r
+                     if k.startswith("noise/") and k.endswith("/grad_sq_step")})
+    if logged and key not in logged:
+        shown = ", ".join(logged[:12]) + (f" and {len(logged) - 12} more" if len(logged) > 12
+                                          else "")
+        raise ValueError(f"--key {key}: {metrics_file} logs no noise scale of it; keys logged: "
+                         f"{shown}")
+    for record in records:
         if g2_field in record and trace_field in record:
             steps.append(record["step"])
             g2.append(record[g2_field])

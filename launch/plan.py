@@ -308,8 +308,11 @@ def run_plan(cfg: PlanConfig, params: list[ModelParam] | None = None) -> dict[st
     """Build the layouts and price every strategy; the JSON-able result."""
     from distributed_muon.launch.model_configs import load_model
 
-    if cfg.ns_steps < 1:
-        raise ValueError(f"--ns-steps {cfg.ns_steps}: must be at least 1")
+    # Checked here, by flag name (the core names them world=, tp=, ...).
+    for name in ("gpus", "tp", "ep", "pp", "replicate", "ns_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at "
+                             "least 1")
     hw = hardware_of(cfg)
     if params is None:
         params = load_model(cfg.model)

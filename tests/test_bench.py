@@ -19,6 +19,11 @@ def test_bench_on_two_cpu_ranks(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "NS imbalance" in proc.stdout and "to_owners ms" in proc.stdout
+    # The peak is measured in NS's dtype and printed in a unit that shows it (not 0.0003 TFLOP/s).
+    peak = next(x for x in proc.stdout.splitlines() if "matmul peak" in x)
+    value, unit = peak.split("(measured): ")[1].split(";")[0].split()
+    assert peak.startswith("fp32 matmul peak") and unit in ("GFLOP/s", "TFLOP/s")
+    assert float(value) >= 1, peak
     report = json.loads(out.read_text())
     assert report["world"] == 2 and len(report["ranks"]) == 2
     assert report["config"]["exchange_chunks"] == 2 and "pipelined" in proc.stdout

@@ -81,6 +81,7 @@ BAD_INPUTS = [
     (["slurm", "--port", "99999"], None, 2, "--port 99999: use a TCP port"),
     (["slurm", "-o", "{tmp}"], None, 2, "is a folder; name the script"),
     (["ckpt", "{tmp}", "{tmp}"], None, 2, "exists; choose a new folder"),
+    (["plan", "--model", "bench-16x2048", "--gpus", "0"], None, 2, "--gpus 0: must be at least"),
 ]
 
 

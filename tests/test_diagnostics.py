@@ -371,6 +371,17 @@ def test_dmuon_lr_errors_are_one_line(tmp_path, capsys):
     assert "--diagnostics-every" in capsys.readouterr().err
 
 
+def test_dmuon_lr_unknown_key_lists_the_logged_keys(tmp_path, capsys):
+    from distributed_muon.launch.cli import main
+
+    run = tmp_path / "run"
+    _fixture_run(run, [(1.0, 40.0)] * 4)
+    assert main(["lr", str(run), "--batch", "32", "--key", "nosuchkey"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("logs no noise scale of it; keys logged: model"), err
+    assert "--diagnostics-every" not in err  # the run did log: only the key is wrong
+
+
 def test_dmuon_train_logs_diagnostics(tmp_path):
     import subprocess
     import sys

@@ -99,13 +99,26 @@ def compare_report(out: Path, results: dict[str, dict]) -> None:
     print(f"plot: {out / 'compare.png'}")
 
 
-def plot_diagnostics(records: list[dict], path: Path) -> bool:
-    """Four panels from ``metrics.jsonl``'s logging steps: gradient noise scale, Muon's
-    nuclear/Frobenius ratio and update RMS per layer type, and per-rank optimizer phase times.
-    Returns False (and draws nothing) when the run logged no diagnostics."""
+# The four panels of diagnostics.png: (title in words, y label, what fills it).
+PANELS = (
+    ("How noisy the gradient is (whole model)", "gradient noise scale B_simple (sequences)",
+     "noise"),
+    ("How many directions Muon's update spreads over, per layer type",
+     "nuclear/Frobenius ratio (1: one direction)", "nuclear_ratio"),
+    ("Size of the update Muon applied, per layer type", "update RMS (lr x scale x RMS of O)",
+     "update_rms"),
+    ("Optimizer time per rank on logging steps", "seconds (solid: Newton-Schulz; dashed: "
+     "whole step)", "time"),
+)
+NOT_LOGGED = ("not logged by this run:\nits backend or optimizer does not report this\n"
+              "(see docs/diagnostics.md)")
+
+
+def diagnostics_figure(records: list[dict]):
+    """The figure of `plot_diagnostics`, or None when the run logged no diagnostics."""
     logged = [r for r in records if any(k.startswith(("muon/", "noise/")) for k in r)]
     if not logged:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,15 +134,11 @@ def plot_diagnostics(records: list[dict], path: Path) -> bool:
     ax = axes[0][0]
     series(ax, "noise/model/b_simple", color="C0", marker="o", label="smoothed")
     series(ax, "noise/model/b_simple_step", color="C0", alpha=0.35, label="this step")
-    ax.set_title("gradient noise scale B_simple, whole model (sequences)")
     kinds = sorted({k.split("/")[1] for r in logged for k in r
                     if k.startswith("muon/") and "*" in k})
-    for ax, field, title in ((axes[0][1], "nuclear_ratio",
-                              "<O,u>^2 / ||u||_F^2 per layer type (nuclear/Frobenius ratio)"),
-                             (axes[1][0], "update_rms", "applied update RMS per layer type")):
+    for ax, field in ((axes[0][1], "nuclear_ratio"), (axes[1][0], "update_rms")):
         for i, kind in enumerate(kinds):
             series(ax, f"muon/{kind}/{field}", color=f"C{i}", marker=".", label=kind)
-        ax.set_title(title)
     ax = axes[1][1]
     ranks = sorted({k.split("/")[1] for r in logged for k in r if k.startswith("muon/rank")})
     for i, rank in enumerate(ranks):
@@ -139,13 +148,29 @@ def plot_diagnostics(records: list[dict], path: Path) -> bool:
                  if f"muon/{rank}/time_ns" in r]
         if total:
             ax.plot(*zip(*total, strict=True), color=f"C{i}", ls="--", label=f"{rank} step")
-    ax.set_title("optimizer seconds per rank on logging steps (NS, whole step)")
-    for ax in axes.flat:
+    for ax, (title, ylabel, _) in zip(axes.flat, PANELS, strict=True):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:  # an empty panel says why, so the figure reads alone
+            ax.text(0.5, 0.5, NOT_LOGGED, ha="center", va="center", transform=ax.transAxes,
+                    color="0.4")
     fig.tight_layout()
+    return fig
+
+
+def plot_diagnostics(records: list[dict], path: Path) -> bool:
+    """Four panels from ``metrics.jsonl``'s logging steps: gradient noise scale, Muon's
+    nuclear/Frobenius ratio and update RMS per layer type, and per-rank optimizer phase times.
+    Returns False (and draws nothing) when the run logged no diagnostics."""
+    fig = diagnostics_figure(records)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -418,3 +418,26 @@ def test_dmuon_plot_redraws_from_metrics(tmp_path, capsys):
     assert (run / "loss.png").stat().st_size > 10_000
     assert (run / "diagnostics.png").stat().st_size > 10_000
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_diagnostics_png_reads_alone():
+    """Titles in words, both axes labelled, and a panel the run could not fill says so (a
+    backend that logs only the noise scale leaves three of four panels empty)."""
+    import matplotlib.pyplot as plt
+    from distributed_muon.launch.reporting import diagnostics_figure
+
+    records = [{"step": s, "loss": 3.0} for s in range(1, 21)]
+    for r in records[9::10]:
+        r.update({"noise/model/b_simple": 2.0, "noise/model/b_simple_step": 3.0})
+    fig = diagnostics_figure(records)
+    try:
+        axes = fig.axes
+        assert len(axes) == 4
+        for ax in axes:
+            assert ax.get_xlabel() == "step" and ax.get_ylabel(), ax.get_title()
+            assert not any(c in ax.get_title() for c in "<>^_"), ax.get_title()
+        notes = ["not logged by this run" in " ".join(t.get_text() for t in ax.texts)
+                 for ax in axes]
+        assert notes == [False, True, True, True]
+    finally:
+        plt.close(fig)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from distributed_muon.launch import run_checkpoint
 from distributed_muon.launch.backends import BACKENDS
 from distributed_muon.launch.corpus import batch, load_corpus
+from distributed_muon.launch.extensions import use_environment_extensions_dir
 from distributed_muon.launch.local import (
     end_process_group,
     init_process_group_from_env,
@@ -51,6 +52,7 @@ def main(cfg: TrainConfig) -> dict:
     `distributed_muon.launch.local.RankFailed` when a rank fails.
     """
     cfg.validate()
+    use_environment_extensions_dir()  # before any rank imports DeepSpeed; ranks inherit it
     if not cfg.compare:
         return _launch(cfg)
     results = {}

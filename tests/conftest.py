@@ -7,6 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed_muon.launch.extensions import use_environment_extensions_dir
+
+# DeepSpeed's JIT ops go to this environment's own folder (unless the user chose one), not to
+# torch's per-user cache, where another environment's suite rebuilds them under our feet.
+USER_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR")
+use_environment_extensions_dir()
 
 _STALE_LOCK_S = 600  # a JIT build takes ~3 min on 2 cores; an older lock is a killed build's
 

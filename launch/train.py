@@ -39,6 +39,7 @@ from distributed_muon.launch.reporting import (
     plot_losses,
     summary_table,
 )
+from distributed_muon.launch.run_folder import check_new_run
 from distributed_muon.launch.tiny_moe import TinyMoE
 from distributed_muon.launch.train_config import OPTIMIZERS, TrainConfig, prepare
 
@@ -55,9 +56,12 @@ def main(cfg: TrainConfig) -> dict:
     use_environment_extensions_dir()  # before any rank imports DeepSpeed; ranks inherit it
     if not cfg.compare:
         return _launch(cfg)
+    subs = {name: replace(cfg, optimizer=name, compare=False, out=str(Path(cfg.out) / name))
+            for name in OPTIMIZERS}
+    for sub in subs.values():  # refused before the first run trains, not after it
+        check_new_run(Path(sub.out))
     results = {}
-    for name in OPTIMIZERS:
-        sub = replace(cfg, optimizer=name, compare=False, out=str(Path(cfg.out) / name))
+    for name, sub in subs.items():
         print(f"\n== {name} ==", flush=True)
         results[name] = _launch(sub)
     compare_report(Path(cfg.out), results)

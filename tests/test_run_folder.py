@@ -97,3 +97,16 @@ def test_resume_reads_metrics_before_any_rank_starts(tmp_path, monkeypatch):
     (out / "metrics.jsonl").write_text(text.replace('"step": 3,', '"step": 3,,'))
     with pytest.raises(ValueError, match=r"metrics.jsonl line 3 is not a JSON record"):
         prepare(TrainConfig(out=str(out), steps=50, resume=True))
+
+
+def test_compare_refuses_before_training_either_optimizer(tmp_path, monkeypatch, capsys):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "cmp"
+    tmp = run_checkpoint.begin(out / "adamw" / "ckpt", 2)
+    (tmp / "__0_0.distcp").write_bytes(b"x")
+    run_checkpoint.commit(tmp, {"step": 2, "optimizer": "adamw", "seed": 0, "backend": "fsdp2",
+                                "format": "dcp", "world": 2})
+    assert main(["train", "--compare", "--steps", "2", "--out", str(out)]) == 2
+    assert "adamw holds a checkpoint" in capsys.readouterr().err
+    assert not (out / "muon").exists()  # muon did not train first, only to be refused later

@@ -498,13 +498,20 @@ class DistributedMuon(Optimizer):
             else:
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, g)
+            out = [views[i] for i in idx]
             if not group["nesterov"]:
-                u = bufs
-            elif ema:
-                u = torch._foreach_lerp(g, bufs, mu)
-            else:
-                u = torch._foreach_add(g, bufs, alpha=mu)
-            torch._foreach_copy_([views[i] for i in idx], u)
+                torch._foreach_copy_(out, bufs)
+            elif all(o.dtype == b.dtype for o, b in zip(out, bufs, strict=True)):
+                # u computed in place in the exchange: no transient copy of every momentum.
+                torch._foreach_copy_(out, g)
+                if ema:
+                    torch._foreach_lerp_(out, bufs, mu)
+                else:
+                    torch._foreach_add_(out, bufs, alpha=mu)
+            else:  # low-precision parameters: u in their dtype, as the momentum is
+                u = torch._foreach_lerp(g, bufs, mu) if ema else torch._foreach_add(
+                    g, bufs, alpha=mu)
+                torch._foreach_copy_(out, u)
 
     def _apply_muon(self, grads: list[torch.Tensor | None]) -> None:
         views = self.exchange.local_views

@@ -6,8 +6,9 @@ parameter names, so checkpoints work by name. Handing the Trainer `DistributedMu
 give it unnamed parameter groups, and the embedding and head would be orthogonalized by shape.
 
 transformers >= 5 treats an ``optimizer_cls`` that is not an ``Optimizer`` subclass as a factory:
-``optimizer_cls()(model, **kwargs)`` with the model it is about to train (already sharded under
-FSDP2, plain under DDP, which wraps it later). Older releases call
+``optimizer_cls()(model, **kwargs)`` with the model it is about to train, not yet wrapped or
+sharded: under FSDP2, Accelerate's ``prepare`` then swaps the optimizer's parameters for the
+shards, which `DistributedMuon` picks up at its first step. Older releases call
 ``optimizer_cls(grouped_params, **kwargs)``; pass ``"model": model`` in the kwargs there.
 
 This module imports neither transformers nor DeepSpeed: it runs inside the Trainer, which has.

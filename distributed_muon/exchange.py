@@ -242,6 +242,8 @@ class Exchange:
         self.group = group if layout.matrices else None
         self.comm_dtype, self.device = comm_dtype, device
         self._chunk_of = chunk_of_matrices(layout, plan, chunks)
+        # Each direction's whole send and receive buffers (one tensor for both in one process).
+        self._route_buffers: dict[str, torch.Tensor] = {}
         self._allocate_batches()
         self._allocate_local(local_shapes, local_dtype)
         to_owners, to_holders = _routings(layout, plan)
@@ -325,6 +327,9 @@ class Exchange:
         recv = send if alone else torch.zeros(sum(map(sum, recvs)), dtype=self.comm_dtype,
                                               device=self.device)
         group = None if alone else self.group
+        direction = "to_owners" if towards_owner else "to_holders"
+        self._route_buffers[f"{direction}_send"] = send
+        self._route_buffers[f"{direction}_recv"] = recv
         sender, receiver = ((self._holder_views, self._owner_views) if towards_owner
                             else (self._owner_views, self._holder_views))
         routes, s_pos, r_pos = [], 0, 0
@@ -385,6 +390,19 @@ class Exchange:
             mark("to_holders")
 
     @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's persistent buffers, whole: ``local``, ``batch``, ``to_owners_send``,
+        ``to_owners_recv``, ``to_holders_send``, ``to_holders_recv`` (in one process a
+        direction's receive buffer is its send buffer, the same tensor)."""
+        return {"local": self.local, "batch": self._batch_flat, **self._route_buffers}
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of each of `buffers` (``numel * element_size``), read from the tensors; a
+        buffer over the same memory as one before it (a receive buffer that is its send
+        buffer) counts 0 bytes, so the values add up to what is allocated (`count_once`)."""
+        return count_once(self.buffers)
+
+    @property
     def bytes_per_step(self) -> tuple[int, int]:
         """(sent, received) bytes of this rank per step, both directions."""
         item = self._batch_flat.element_size()
@@ -392,6 +410,20 @@ class Exchange:
         sent = sum(sum(rt.send_counts) for rt in routes)
         recv = sum(sum(rt.recv_counts) for rt in routes)
         return sent * item, recv * item
+
+
+def count_once(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``numel * element_size`` (bytes) of each named tensor, in order, with a tensor over the
+    same memory (device, address and size) as an earlier one counted as 0 bytes."""
+    seen: set[tuple] = set()
+    out: dict[str, int] = {}
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        # Meta tensors have no address: only the same tensor object is the same memory there.
+        key = (id(t),) if t.device.type == "meta" else (str(t.device), t.data_ptr(), size)
+        out[name] = size if size and key not in seen else 0
+        seen.add(key)
+    return out
 
 
 def _slices(per_peer: list[list[Piece]], buf: torch.Tensor):

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
 from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
-from distributed_muon.exchange import Batch, Exchange, check_chunks
+from distributed_muon.exchange import Batch, Exchange, check_chunks, count_once
 from distributed_muon.layout import ShardLayout
 from distributed_muon.options import (
     MOMENTUM_FORMS,
@@ -390,6 +390,55 @@ class DistributedMuon(Optimizer):
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
         return self.plan.summary(self.layout, self.comm_dtype.itemsize,
                                  cost_unit(self._ns_cost))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's optimizer memory by kind, read from the tensors it holds now.
+
+        Counts (values, not bytes): ``muon_params`` and ``adamw_params``, the local values
+        (this rank's shards) of the Muon and the AdamW parameters, so that bytes per parameter
+        are ``x_bytes / x_params``. Bytes (``numel * element_size``):
+
+        - ``muon_state_bytes``: the momentum buffers;
+        - ``adamw_state_bytes``: ``exp_avg``, ``exp_avg_sq`` and the ``step`` scalars (fp32,
+          4 B each, on the CPU whatever the parameters' device);
+        - ``exchange_local_bytes``, ``exchange_batch_bytes`` and
+          ``exchange_{to_owners,to_holders}_{send,recv}_bytes``: the exchange's buffers
+          (`Exchange.memory_bytes`; in one process a receive buffer is its send buffer and
+          counts 0);
+        - ``total_bytes``: the sum of the above.
+
+        State is created at a parameter's first step with a gradient: before it, its state
+        counts 0 bytes. Two tensors over the same memory (address and size: in one process a
+        send and a receive buffer) count once. Not included: the Newton-Schulz workspace and
+        the other transients of a step (allocated and freed inside it; measure them, e.g. with
+        ``torch.cuda.max_memory_allocated``), parameters and gradients, and the diagnostics'
+        buffers.
+        """
+        muon = [self.sharding.local(p) for p in self._muon]
+        adamw = [self.sharding.local(p) for _, p in self._adamw]
+        state: dict[str, torch.Tensor] = {}
+        for kind, params, keys in (("muon", self._muon, ("momentum_buffer",)),
+                                   ("adamw", [p for _, p in self._adamw],
+                                    ("exp_avg", "exp_avg_sq", "step"))):
+            for i, p in enumerate(params):
+                for key in keys:
+                    value = self.state.get(p, {}).get(key)
+                    if isinstance(value, DTensor):
+                        value = value.to_local()
+                    if isinstance(value, torch.Tensor):
+                        state[f"{kind}/{i}/{key}"] = value
+        buffers = self.exchange.buffers
+        counted = count_once({**{f"exchange/{k}": t for k, t in buffers.items()}, **state})
+        out = {
+            "muon_params": sum(t.numel() for t in muon),
+            "adamw_params": sum(t.numel() for t in adamw),
+            "muon_state_bytes": sum(v for k, v in counted.items() if k.startswith("muon/")),
+            "adamw_state_bytes": sum(v for k, v in counted.items() if k.startswith("adamw/")),
+        }
+        for k in buffers:
+            out[f"exchange_{k}_bytes"] = counted[f"exchange/{k}"]
+        out["total_bytes"] = sum(counted.values())
+        return out
 
     # ---------------------------------------------------------------- step
 

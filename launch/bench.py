@@ -4,7 +4,9 @@ Parameters of the given shapes are sharded as FSDP2 shards them (DTensor ``Shard
 replicated as under DDP; gradients are random. Each rank times every phase with device
 synchronization (`DistributedMuon.profile`); rank 0 reports medians over steps, bytes moved,
 planned and measured NS imbalance, achieved NS TFLOP/s and, measured in the same run, the
-device's bf16 matmul rate. ``--exchange-chunks K`` pipelines the exchange with NS; the phases
+device's bf16 matmul rate, and rank 0's optimizer memory by kind
+(`DistributedMuon.memory_bytes`) with, on CUDA, the measured ``max_memory_allocated`` of the
+timed steps. ``--exchange-chunks K`` pipelines the exchange with NS; the phases
 then overlap and mean what `distributed_muon.diagnostics.PHASES` says.
 """
 
@@ -165,8 +167,13 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     peak = matmul_tflops(device, _DTYPES.get(cfg.ns_dtype, torch.bfloat16))
 
     per_step: list[dict[str, float]] = []
+    cuda_memory: dict[str, int] | None = None
     for step in range(cfg.warmup + cfg.steps):
         opt.profile = step >= cfg.warmup
+        if step == cfg.warmup and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            cuda_memory = {"allocated_before_bytes": torch.cuda.memory_allocated(device)}
         opt.phase_seconds = dict.fromkeys(PHASES, 0.0)
         dist.barrier()
         opt.step()
@@ -174,12 +181,17 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
             per_step.append(dict(opt.phase_seconds))
         if rank == 0:
             _progress(step + 1, cfg.warmup + cfg.steps)
+    if cuda_memory is not None:
+        torch.cuda.synchronize(device)
+        cuda_memory["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     median = {ph: statistics.median(s[ph] for s in per_step) for ph in PHASES}
     # NS FLOPs whatever the plan balanced (FLOPs or, with --ns-cost, measured seconds).
     owned = sum(flop_cost(m.m, m.n, m.key) for m, o in zip(opt.layout.matrices, opt.plan.owner,
                                                             strict=True) if o == rank)
     sent, recv = opt.exchange.bytes_per_step
-    mine = {"rank": rank, "median_s": median, "ns_flops": owned, "sent": sent, "recv": recv}
+    mine = {"rank": rank, "median_s": median, "ns_flops": owned, "sent": sent, "recv": recv,
+            "memory": opt.memory_bytes(), "params_bytes": _local_bytes(params),
+            "grads_bytes": _local_bytes([p.grad for p in params]), "cuda_memory": cuda_memory}
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
@@ -188,6 +200,12 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
         if cfg.json:
             with open(cfg.json, "w") as f:
                 json.dump({k: v for k, v in report.items() if k != "text"}, f, indent=2)
+
+
+def _local_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of this rank's local values of ``tensors`` (a DTensor's local shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def _report(cfg, ranks, opt, peak, device) -> dict:
@@ -235,6 +253,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     if cfg.exchange_chunks > 1:
         lines.append("(pipelined: to_owners and to_holders are the exchange left exposed; ns "
                      "also holds the waits for chunks not hidden behind NS)")
+    lines += ["", *memory_lines(ranks[0])]
     return {
         "config": asdict(cfg),
         "world": world,
@@ -246,8 +265,50 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         "measured_imbalance": measured,
         "exchange_over_ns": ratio,
         "step_ms_max": max(total) * 1e3,
+        "memory_rank0": ranks[0]["memory"],
+        "cuda_memory_rank0": ranks[0]["cuda_memory"],
         "text": "\n".join(lines),
     }
+
+
+# `DistributedMuon.memory_bytes` keys, in the order and with the names the bench prints.
+MEMORY_ROWS = (
+    ("muon_state_bytes", "Muon momentum"),
+    ("adamw_state_bytes", "AdamW state"),
+    ("exchange_local_bytes", "exchange local"),
+    ("exchange_batch_bytes", "exchange batch"),
+    ("exchange_to_owners_send_bytes", "to_owners send"),
+    ("exchange_to_owners_recv_bytes", "to_owners recv"),
+    ("exchange_to_holders_send_bytes", "to_holders send"),
+    ("exchange_to_holders_recv_bytes", "to_holders recv"),
+    ("total_bytes", "total"),
+)
+GIB = 2**30
+
+
+def memory_lines(rank: dict) -> list[str]:
+    """The bench's memory breakdown of one rank's results: the optimizer's accounted bytes by
+    kind (GiB and bytes per Muon parameter of that rank) and, on CUDA, the measured peak."""
+    mem = rank["memory"]
+    per = max(mem["muon_params"], 1)
+    lines = [f"optimizer memory on rank {rank['rank']}, accounted from the tensors it holds "
+             f"({mem['muon_params']} Muon values, {mem['adamw_params']} AdamW values here):",
+             f"{'':<18}{'GiB':>10}{'B/Muon param':>14}"]
+    lines += [f"{label:<18}{mem[key] / GIB:>10.4f}{mem[key] / per:>14.2f}"
+              for key, label in MEMORY_ROWS]
+    cuda = rank.get("cuda_memory")
+    lines.append("(not accounted: the Newton-Schulz workspace and other transients of a step; "
+                 + ("the measured peak below holds them)" if cuda else "measured on CUDA only)"))
+    if cuda:
+        resident = cuda["allocated_before_bytes"]
+        peak = cuda["max_allocated_bytes"]
+        lines.append(
+            f"CUDA memory on rank {rank['rank']} (measured): allocated before the timed steps "
+            f"{resident / GIB:.3f} GiB (parameters {rank['params_bytes'] / GIB:.3f}, gradients "
+            f"{rank['grads_bytes'] / GIB:.3f}, optimizer accounted "
+            f"{mem['total_bytes'] / GIB:.3f}); max_memory_allocated during them "
+            f"{peak / GIB:.3f} GiB ({(peak - resident) / GIB:.3f} GiB above)")
+    return lines
 
 
 def _progress(done: int, total: int) -> None:

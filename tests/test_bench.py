@@ -38,6 +38,15 @@ def test_bench_on_two_cpu_ranks(tmp_path):
     assert sum(r["sent"] for r in report["ranks"]) == moved
     assert sum(r["recv"] for r in report["ranks"]) == moved
     assert all(r["sent"] > 0 and r["recv"] > 0 for r in report["ranks"])
+    # The memory breakdown (issue 24): printed for rank 0, every rank's in the JSON; the send
+    # buffers hold exactly the bytes that travel; no CUDA peak on CPU.
+    assert "optimizer memory on rank 0" in proc.stdout and "B/Muon param" in proc.stdout
+    memory = [r["memory"] for r in report["ranks"]]
+    assert report["memory_rank0"] == memory[0] and report["cuda_memory_rank0"] is None
+    assert sum(m["muon_params"] for m in memory) == 2 * (96 * 64 + 64 * 160 + 3 * 32 * 32)
+    assert all(m["muon_state_bytes"] == 4 * m["muon_params"] for m in memory)
+    assert sum(m["exchange_to_owners_send_bytes"] + m["exchange_to_holders_send_bytes"]
+               for m in memory) == moved
 
 
 def test_shape_parsing():

@@ -1,0 +1,186 @@
+"""`DistributedMuon.memory_bytes`: the optimizer's memory by kind, per option, on CPU.
+
+The expected bytes are computed here from the parameters' shapes, the option's dtypes and (at
+world 2) which rows each rank holds, then compared with what the optimizer reads from the
+tensors it holds. Issue 24 ("account for every byte"): the numbers a GPU peak is compared with.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+from distributed_muon import DistributedMuon
+from distributed_muon.exchange import count_once
+
+# Muon: an uneven matrix, a wide one, 3 experts, a fused QKV; AdamW: a bias and a norm weight.
+SHAPES = [(33, 16), (16, 40), (3, 8, 12), (48, 16)]
+ADAMW_SHAPES = [(24,), (16,)]
+MUON_VALUES = sum(torch.Size(s).numel() for s in SHAPES)
+ADAMW_VALUES = sum(torch.Size(s).numel() for s in ADAMW_SHAPES)
+DIRECTIONS = [f"exchange_{d}_{s}_bytes" for d in ("to_owners", "to_holders")
+              for s in ("send", "recv")]
+
+
+def _optimizer(dtype: torch.dtype = torch.float32, **options):
+    gen = torch.Generator().manual_seed(0)
+    muon = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    adamw = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in ADAMW_SHAPES]
+    groups = [{"params": muon[:3], "use_muon": True},
+              {"params": muon[3:], "use_muon": True, "row_blocks": (16, 16, 16)},
+              {"params": adamw, "use_muon": False}]
+    opt = DistributedMuon(groups, lr=0.02, **options)
+    for p in muon + adamw:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    return opt
+
+
+# (options, bytes per Muon value of the batch buffer at world 1). In one process the batch
+# buffer is comm_dtype only when every matrix iterates in bf16, else fp32 (`_setup`).
+OPTIONS = [
+    ({}, 2),
+    ({"momentum_form": "sum"}, 2),
+    ({"nesterov": False}, 2),
+    ({"ns_method": "gram"}, 2),
+    ({"exchange_chunks": 2}, 2),
+    ({"ns_dtype": "fp32"}, 4),
+    ({"ns_dtype": "fp16"}, 4),
+    ({"comm_dtype": "fp32"}, 4),
+    ({"ns_dtype": "fp32", "comm_dtype": "fp32"}, 4),
+]
+
+
+@pytest.mark.parametrize("options,batch_bytes", OPTIONS, ids=[str(o) for o, _ in OPTIONS])
+def test_world_one_bytes_per_param(options, batch_bytes):
+    opt = _optimizer(**options)
+    before = opt.memory_bytes()
+    assert before["muon_params"] == MUON_VALUES and before["adamw_params"] == ADAMW_VALUES
+    assert before["muon_state_bytes"] == before["adamw_state_bytes"] == 0  # state is lazy
+    opt.step()
+    mem = opt.memory_bytes()
+    assert mem["muon_state_bytes"] == 4 * MUON_VALUES  # one fp32 momentum per value
+    # exp_avg and exp_avg_sq (fp32) per value, plus one fp32 step scalar per AdamW tensor.
+    assert mem["adamw_state_bytes"] == 8 * ADAMW_VALUES + 4 * len(ADAMW_SHAPES)
+    assert mem["exchange_local_bytes"] == 4 * MUON_VALUES
+    assert mem["exchange_batch_bytes"] == batch_bytes * MUON_VALUES  # every matrix owned here
+    assert all(mem[k] == 0 for k in DIRECTIONS)  # nothing travels in one process
+    assert mem["total_bytes"] == sum(v for k, v in mem.items() if k.endswith("_bytes")
+                                     and k != "total_bytes")
+    # Another step allocates nothing new.
+    opt.step()
+    assert opt.memory_bytes() == mem
+
+
+def test_world_one_bf16_parameters():
+    """bf16 parameters: bf16 momentum and AdamW moments (like their gradients), an fp32 step
+    scalar, and the exchange's local buffer promoted to fp32."""
+    opt = _optimizer(torch.bfloat16)
+    opt.step()
+    mem = opt.memory_bytes()
+    assert mem["muon_state_bytes"] == 2 * MUON_VALUES
+    assert mem["adamw_state_bytes"] == 4 * ADAMW_VALUES + 4 * len(ADAMW_SHAPES)
+    assert mem["exchange_local_bytes"] == 4 * MUON_VALUES
+    assert mem["exchange_batch_bytes"] == 2 * MUON_VALUES
+
+
+def test_shared_memory_counts_once():
+    opt = _optimizer()
+    buffers = opt.exchange.buffers
+    # In one process each direction's receive buffer is its send buffer.
+    assert buffers["to_owners_send"] is buffers["to_owners_recv"]
+    assert buffers["to_holders_send"] is buffers["to_holders_recv"]
+    t = torch.zeros(10)
+    # The same memory (address and size) counts once, whatever the view's shape.
+    assert count_once({"a": t, "b": t, "c": t.view(2, 5), "e": t[:0]}) == {
+        "a": 40, "b": 0, "c": 0, "e": 0}
+    assert count_once({"a": t, "b": torch.zeros(10, dtype=torch.bfloat16)}) == {"a": 40, "b": 20}
+
+
+def _fsdp2_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+
+    def shard(t):
+        return distribute_tensor(t, mesh, [Shard(0)])
+
+    muon = [torch.nn.Parameter(shard(torch.randn(s, generator=gen))) for s in SHAPES]
+    adamw = [torch.nn.Parameter(shard(torch.randn(s, generator=gen))) for s in ADAMW_SHAPES]
+    opt = DistributedMuon([{"params": muon[:3], "use_muon": True},
+                           {"params": muon[3:], "use_muon": True, "row_blocks": (16, 16, 16)},
+                           {"params": adamw, "use_muon": False}], lr=0.02)
+    for p in muon + adamw:
+        p.grad = shard(torch.randn(p.shape, generator=gen))
+    opt.step()
+    return {"memory": opt.memory_bytes(), "owner": list(opt.plan.owner),
+            "shapes": [(m.m, m.n) for m in opt.layout.matrices],
+            "bytes_per_step": opt.exchange.bytes_per_step}
+
+
+def _rows_held(rows: int, world: int) -> list[int]:
+    """Rows of a ``Shard(0)`` dimension of size ``rows`` on each rank (torch.chunk's split)."""
+    size = -(-rows // world)
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
+
+
+def test_world_two_fsdp2_buffers_are_the_pieces_that_travel():
+    world = 2
+    results = run_ranks(world, _fsdp2_worker, timeout=60)
+    # Every logical matrix with the values each rank holds of it (Shard(0) cuts rows; the
+    # experts' rows are experts, so each expert lies whole on one rank).
+    matrices: list[tuple[int, int, list[int]]] = []
+    for shape in SHAPES:
+        if len(shape) == 3:
+            holder = [r for r, n in enumerate(_rows_held(shape[0], world)) for _ in range(n)]
+            for e in range(shape[0]):
+                size = shape[1] * shape[2]
+                matrices.append((shape[1], shape[2], [size * (r == holder[e])
+                                                      for r in range(world)]))
+        elif shape == (48, 16):  # fused QKV: three 16x16 blocks of rows 0-15, 16-31, 32-47
+            for block in range(3):
+                rows = [max(0, min(end, 16 * (block + 1)) - max(start, 16 * block))
+                        for start, end in _starts(48, world)]
+                matrices.append((16, 16, [r * 16 for r in rows]))
+        else:
+            matrices.append((shape[0], shape[1], [r * shape[1] for r in _rows_held(shape[0],
+                                                                                  world)]))
+    assert results[0]["shapes"] == [(m, n) for m, n, _ in matrices]
+    owner = results[0]["owner"]
+    assert all(r["owner"] == owner for r in results)
+    for rank, result in enumerate(results):
+        mem = result["memory"]
+        local = sum(held[rank] for _, _, held in matrices)
+        assert mem["muon_params"] == local
+        assert mem["muon_state_bytes"] == 4 * local
+        adamw_local = sum(_rows_held(s[0], world)[rank] for s in ADAMW_SHAPES)
+        assert mem["adamw_params"] == adamw_local
+        assert mem["adamw_state_bytes"] == 8 * adamw_local + 4 * len(ADAMW_SHAPES)
+        assert mem["exchange_local_bytes"] == 4 * local
+        # Whole matrices it owns, in the comm dtype (bf16).
+        assert mem["exchange_batch_bytes"] == 2 * sum(
+            m * n for (m, n, _), o in zip(matrices, owner, strict=True) if o == rank)
+        # To owners: what it holds of others' matrices goes out, what others hold of its own
+        # comes in; to holders is the same pieces back.
+        out = sum(held[rank] for (_, _, held), o in zip(matrices, owner, strict=True)
+                  if o != rank)
+        into = sum(sum(held) - held[rank] for (_, _, held), o in zip(matrices, owner,
+                                                                        strict=True) if o == rank)
+        assert mem["exchange_to_owners_send_bytes"] == 2 * out
+        assert mem["exchange_to_owners_recv_bytes"] == 2 * into
+        assert mem["exchange_to_holders_send_bytes"] == 2 * into
+        assert mem["exchange_to_holders_recv_bytes"] == 2 * out
+        assert out > 0 and into > 0
+        sent, received = result["bytes_per_step"]
+        assert (sent, received) == (2 * (out + into), 2 * (out + into))
+
+
+def _starts(rows: int, world: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the rows of each rank under ``Shard(0)``."""
+    bounds, start = [], 0
+    for n in _rows_held(rows, world):
+        bounds.append((start, start + n))
+        start += n
+    return bounds

@@ -2,7 +2,8 @@
 
 A Muon parameter is seen as a 2-D view ``[E * m, n]``: ``E`` expert matrices of ``m x n``
 stacked along rows (``E = 1`` for a plain weight). A fused weight may declare row blocks
-(``row_blocks=(q, k, v)``), each orthogonalized on its own. Everything else goes to AdamW.
+(``row_blocks=(q, k, v)``), each orthogonalized on its own; per-head NS is row blocks of one
+head each (`distributed_muon.heads`). Everything else goes to AdamW.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from distributed_muon.heads import AttentionHeads, attention_row_blocks, refine
 
 MATRIX_VIEWS = ("experts", "flatten")
 
@@ -117,6 +120,8 @@ def muon_param_groups(
     *,
     adamw: Iterable[str] = (),
     row_blocks: Mapping[str, Sequence[int]] | None = None,
+    per_head: bool | Sequence[str] = False,
+    heads: AttentionHeads | None = None,
     adamw_options: Mapping[str, Any] | None = None,
     **muon_options: Any,
 ) -> list[dict[str, Any]]:
@@ -126,6 +131,11 @@ def muon_param_groups(
       weight tied to one), output heads (see `is_embedding_or_head_name`) and names matching
       an ``adamw`` glob (``fnmatch``, e.g. ``"*.router.weight"``).
     - ``row_blocks={"*.qkv.weight": (q, k, v)}`` splits fused weights into blocks of rows.
+    - ``per_head=True`` orthogonalizes every attention Q, K, V (separate or fused) and latent
+      up-projection per head: one row block per head, head counts read from the model (see
+      `distributed_muon.heads`; ``heads=AttentionHeads(...)`` overrides them). A list of
+      globs splits only those weights. Explicit ``row_blocks`` of the same weight must fall
+      on head boundaries (a fused QKV's ``(q, k, v)``) and are refined into heads.
     - ``nn.Conv1d`` weights are flattened to ``(out, in * k)`` rather than read as experts.
     - ``muon_options`` / ``adamw_options`` are extra group options (e.g. ``lr``).
     """
@@ -149,6 +159,7 @@ def muon_param_groups(
         group["params"].append((name, p))
 
     used_patterns: set[str] = set()
+    muon: list[tuple[str, nn.Parameter, tuple[int, ...] | None, str]] = []
     for pid, p in params.items():
         if not p.requires_grad:
             continue
@@ -169,12 +180,17 @@ def muon_param_groups(
         blocks = tuple(row_blocks[blocks_pat]) if blocks_pat else None
         if blocks_pat:
             used_patterns.add(blocks_pat)
-        view = "flatten" if pid in conv1d_params else "experts"
-        options = {"use_muon": True, "row_blocks": blocks, "matrix_view": view, **muon_options}
-        add(("muon", blocks, view), options, name, p)
+        muon.append((name, p, blocks, "flatten" if pid in conv1d_params else "experts"))
 
     unused = [pat for pat in (*adamw, *row_blocks) if pat not in used_patterns]
     if unused:
         raise ValueError(f"patterns {unused} match no trainable parameter of the model")
+    per_head_blocks = (attention_row_blocks(model, per_head, heads, {n for n, *_ in muon})
+                       if per_head else {})
+    for name, p, blocks, view in muon:
+        if name in per_head_blocks:
+            blocks = refine(blocks, per_head_blocks[name], name)
+        options = {"use_muon": True, "row_blocks": blocks, "matrix_view": view, **muon_options}
+        add(("muon", blocks, view), options, name, p)
     # Muon groups first, AdamW last: a stable order for checkpoints.
     return sorted(groups.values(), key=lambda g: not g["use_muon"])

@@ -56,7 +56,7 @@ class _Info:
     replica: int
     ep_size: int  # > 1: stacked over the EP ranks, this rank's slot is ep_rank
     ep_rank: int
-    qkv: tuple[int, int, int] | None  # (query rows, key rows, value rows) of one query group
+    qkv: tuple[int, ...] | None  # rows of each section (q, [gate,] k, v) of one query group
 
 
 def _global_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -224,9 +224,9 @@ class MegatronSharding:
                 "virtual-pipeline chunks) the optimizer's param groups come from"
             ) from None
 
-    def qkv_row_blocks(self, param: torch.Tensor) -> tuple[int, int, int] | None:
+    def qkv_row_blocks(self, param: torch.Tensor) -> tuple[int, ...] | None:
         """``row_blocks`` that split a fused QKV weight as ``--muon-split-qkv`` does (all query
-        rows, all key rows, all value rows), or None for other parameters."""
+        rows, [all gate rows,] all key rows, all value rows), or None for other parameters."""
         info = self.info(param)
         if info.qkv is None:
             return None
@@ -275,14 +275,18 @@ class MegatronSharding:
         ]
 
 
-def _qkv_rows(name: str, mod: nn.Module, rows: int) -> tuple[int, int, int] | None:
+def _qkv_rows(name: str, mod: nn.Module, rows: int) -> tuple[int, ...] | None:
+    """Rows of each section of one query group: (q, k, v), or (q, gate, k, v) with
+    ``attention_output_gate`` (Megatron stores the gate after the queries)."""
     config = getattr(mod, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     if not heads:
         return None
     groups = getattr(config, "num_query_groups", None) or heads
     channels = getattr(config, "kv_channels", None) or config.hidden_size // heads
-    per_group = (heads // groups * channels, channels, channels)
+    q = heads // groups * channels
+    per_group = (q, q, channels, channels) if getattr(config, "attention_output_gate", False) \
+        else (q, channels, channels)
     if heads % groups or groups * sum(per_group) != rows:
         raise ValueError(
             f"{name}: {rows} rows do not match the config's {heads} heads, {groups} query "
@@ -291,12 +295,14 @@ def _qkv_rows(name: str, mod: nn.Module, rows: int) -> tuple[int, int, int] | No
     return per_group
 
 
-def _grouped(rects, qkv: tuple[int, int, int], rows: int, cols: int):
-    """Map row rectangles of a fused QKV weight from storage order (per group: q, k, v rows)
-    to the grouped order [all q; all k; all v], cutting at group and section boundaries."""
+def _grouped(rects, qkv: tuple[int, ...], rows: int, cols: int):
+    """Map row rectangles of a fused QKV weight from storage order (per group: its sections,
+    e.g. q, k, v rows) to the grouped order [all q; all k; all v], cutting at group and
+    section boundaries."""
     per_group = sum(qkv)
     groups = rows // per_group
-    starts = (0, groups * qkv[0], groups * (qkv[0] + qkv[1]))  # first row of Q, K, V
+    ends = [sum(qkv[:i + 1]) for i in range(len(qkv))]  # section ends within a group
+    starts = [groups * (end - size) for end, size in zip(ends, qkv, strict=True)]
     out = []
     for r0, r1, c0, c1, offset in rects:
         if (c0, c1) != (0, cols):
@@ -304,9 +310,9 @@ def _grouped(rects, qkv: tuple[int, int, int], rows: int, cols: int):
         r = r0
         while r < r1:
             g, within = divmod(r, per_group)
-            section = 0 if within < qkv[0] else 1 if within < qkv[0] + qkv[1] else 2
-            sec_start = sum(qkv[:section])
-            n = min(r1 - r, sec_start + qkv[section] - within)
+            section = next(i for i, end in enumerate(ends) if within < end)
+            sec_start = ends[section] - qkv[section]
+            n = min(r1 - r, ends[section] - within)
             v0 = starts[section] + g * qkv[section] + within - sec_start
             out.append((v0, v0 + n, 0, cols, offset + (r - r0) * cols))
             r += n

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations import megatron_parity as parity
 from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
 from torch import nn
 from torch.optim import Optimizer
@@ -32,7 +33,7 @@ from torch.optim import Optimizer
 from distributed_muon.exchange import check_chunks
 from distributed_muon.layout import Block, Region
 from distributed_muon.optimizer import DistributedMuon, group_defaults
-from distributed_muon.params import MatrixSpec, is_embedding_or_head_name
+from distributed_muon.params import MatrixSpec
 
 # Megatron's --muon-scale-mode as (our scale, factor): Megatron's "spectral" is
 # sqrt(max(m, n)), i.e. Moonlight's 0.2 * sqrt(max(m, n)) times 5 (docs/muon.md).
@@ -41,19 +42,21 @@ SCALE_MODES = {
     "shape_scaling": ("original", 1.0),
     "unit_rms_norm": ("spectral", 1.0),
 }
-# Megatron's --muon-coefficient-type -> our ns_schedule.
-COEFFICIENTS = {"quintic": "jordan", "polar_express": "polar_express"}
 # --dmuon-* flags: option, type, default, help. Megatron rewrites a ``dist_`` prefix, so no
 # flag here starts with it.
 FLAGS: dict[str, tuple[type, Any, str]] = {
     "ns_method": (str, "standard", "Newton-Schulz iteration: standard or gram"),
-    "ns_dtype": (str, "bf16", "dtype of the Newton-Schulz iteration: bf16, fp16 or fp32"),
+    "ns_dtype": (str, None, "dtype of the Newton-Schulz iteration: bf16, fp16 or fp32; default: "
+                            "the one --muon-fp32-matmul-prec gives (medium: bf16, high and "
+                            "highest: fp32)"),
     "comm_dtype": (str, "bf16", "dtype of the gradient/update exchange: bf16 or fp32"),
     "plan": (str, "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin"),
     "exchange_chunks": (int, 1, "pipeline the exchange with Newton-Schulz in this many chunks "
                                 "(1: one all-to-all each way)"),
     "scale": (str, None, "shape scale (match_rms_adamw, original, spectral, none); default: "
                          "the one --muon-scale-mode and --muon-extra-scale-factor give"),
+    "adamw": (str, None, "comma-separated parameter-name globs to update with AdamW instead "
+                         "of Muon, e.g. '*position_embeddings*'"),
 }
 
 
@@ -120,11 +123,14 @@ class MegatronMuon(Optimizer):
     def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
                  split_qkv: bool = True, scale_factor: float = 1.0,
                  comm_dtype: str = "bf16", plan: str = "lpt", exchange_chunks: int = 1,
-                 **options: Any) -> None:
+                 marked: bool = False, adamw: Sequence[str] = (), **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
         check_chunks(exchange_chunks)  # before Megatron builds anything around it
         self.exchange_chunks = exchange_chunks
+        # Which params get Muon (`megatron_parity.uses_muon`): Megatron's rule when the model
+        # marks its embeddings, else by shape and name; ``adamw`` globs always go to AdamW.
+        self.marked, self.adamw = marked, tuple(adamw)
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
         self.comm_dtype, self.plan = comm_dtype, plan
@@ -165,16 +171,12 @@ class MegatronMuon(Optimizer):
 
     def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:
         """One Megatron group -> Muon params, one group per split QKV weight, AdamW params
-        (Megatron's rule: weights that are not embeddings or the output layer, known by
-        Megatron's attribute or, as `megatron_param_groups` does, by name)."""
+        (`megatron_parity.uses_muon` says which)."""
         muon, adamw = [], []
         for p in params:
             info = self.sharding.info(p)
-            # >= 2-D globally: per-expert 2-D shards of EP-stacked experts, and the 3-D expert
-            # tensors of a plain (non-Megatron) MoE wrapped in Megatron's DDP.
-            matrix = (len(info.shape) >= 2
-                      and not getattr(p, "is_embedding_or_output_parameter", False)
-                      and not is_embedding_or_head_name(info.name))
+            matrix = parity.uses_muon(p, info.name, info.shape, marked=self.marked,
+                                      adamw=self.adamw)
             blocks = self.sharding.qkv_row_blocks(p) if matrix and self.split_qkv else None
             if blocks is not None:
                 yield {"params": [p], "param_names": [info.name], "use_muon": True,
@@ -276,24 +278,26 @@ def dmuon_options(config: Any) -> dict[str, Any]:
         raise ValueError(f"--muon-scale-mode {mode} is not supported by --optimizer dmuon: use "
                          f"one of {sorted(SCALE_MODES)} (or --dmuon-scale)")
     coefficients = getattr(config, "muon_coefficient_type", "quintic")  # 0.16: quintic only
-    schedule = COEFFICIENTS.get(coefficients)
-    if schedule is None:
-        raise ValueError(f"--muon-coefficient-type {coefficients} is not "
-                         f"supported by --optimizer dmuon: use one of {sorted(COEFFICIENTS)}")
+    schedule = parity.ns_schedule(coefficients, config.muon_num_ns_steps)
     scale, factor = SCALE_MODES[mode]
     explicit = getattr(config, "dmuon_scale", None)
     if explicit is not None:
         scale, factor = explicit, 1.0
     nesterov = getattr(config, "muon_nesterov", getattr(config, "muon_use_nesterov", False))
+    ns_dtype = getattr(config, "dmuon_ns_dtype", None) or parity.ns_dtype(
+        getattr(config, "muon_fp32_matmul_prec", "medium"))
+    adamw = getattr(config, "dmuon_adamw", None) or ""
     return {
         "lr": config.lr, "weight_decay": config.weight_decay,
         "momentum": config.muon_momentum, "nesterov": bool(nesterov),
         "ns_steps": config.muon_num_ns_steps, "ns_schedule": schedule, "scale": scale,
         "scale_factor": factor * config.muon_extra_scale_factor,
-        "split_qkv": config.muon_split_qkv,
+        "split_qkv": config.muon_split_qkv, "ns_dtype": ns_dtype,
+        "adamw": tuple(g.strip() for g in adamw.split(",") if g.strip()),
         "adamw_betas": (config.adam_beta1, config.adam_beta2), "adamw_eps": config.adam_eps,
         **{name: getattr(config, f"dmuon_{name}", default)
-           for name, (_, default, _) in FLAGS.items() if name != "scale"},
+           for name, (_, default, _) in FLAGS.items()
+           if name not in ("scale", "ns_dtype", "adamw")},
     }
 
 
@@ -315,6 +319,10 @@ def check_supported(config: Any) -> None:
     for attr, message in refusals.items():
         if getattr(config, attr, False):
             raise ValueError(message)
+    if not getattr(config, "decoupled_weight_decay", True):
+        raise ValueError("decoupled_weight_decay=False (Adam with L2 regularization) is not "
+                         "supported with --optimizer dmuon: its AdamW part decays weights "
+                         "decoupled, as Megatron's default")
     scalar = getattr(config, "muon_scalar_optimizer", "adam")
     if scalar != "adam":
         raise ValueError(f"--muon-scalar-optimizer {scalar} is not supported with --optimizer "
@@ -346,6 +354,7 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
     if config_overrides is None:
         config_overrides = get_standard_config_overrides(config)
     sharding = MegatronSharding(model_chunks)
+    options["marked"] = parity.marks_embeddings(p for c in model_chunks for p in c.parameters())
     groups = _get_param_groups(model_chunks, config, config_overrides)
     distributed = bool(config.use_distributed_optimizer)
     if distributed and getattr(model_chunks[0].ddp_config,

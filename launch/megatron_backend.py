@@ -77,8 +77,10 @@ class Megatron(Backend):
             # Megatron's spectral scale x 0.2 = match_rms_adamw, the other backends' scale.
             muon_extra_scale_factor=0.2, muon_momentum=0.95)
         # Nesterov, as the other backends: the field is muon_use_nesterov in 0.16,
-        # muon_nesterov in 0.19.
+        # muon_nesterov in 0.19. Jordan's fixed quintic ("simple"), the other backends'
+        # schedule (Megatron's default "quintic" is a different, per-step one).
         opt_config.muon_nesterov = opt_config.muon_use_nesterov = True
+        opt_config.muon_coefficient_type = "simple"
         self.opt = get_megatron_optimizer(opt_config, [self.model])
         self.steps_done = 0
         self._lr = cfg.peak_lr * self.lr_factor(0)

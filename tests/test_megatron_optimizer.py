@@ -19,6 +19,7 @@ from megatron.core import optimizer as core_optimizer  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from distributed_muon import DistributedMuon  # noqa: E402
+from distributed_muon.integrations.megatron_parity import MEGATRON_COEFFICIENTS  # noqa: E402
 
 
 def test_import_patches_get_megatron_optimizer_once():
@@ -57,9 +58,10 @@ def test_megatron_defaults_map_to_the_same_update():
     opts = mo.dmuon_options(OptimizerConfig(optimizer="dmuon", lr=2e-3, weight_decay=0.1))
     # Megatron's default scale mode "spectral" is sqrt(max(m, n)) = 5 x Moonlight's.
     assert (opts["scale"], opts["scale_factor"]) == ("match_rms_adamw", 5.0)
-    assert opts["ns_schedule"] == "jordan" and opts["ns_steps"] == 5
+    # Megatron's default "quintic" is five tuned polynomials, one per step (not Jordan's).
+    assert opts["ns_schedule"] == MEGATRON_COEFFICIENTS["quintic"] and opts["ns_steps"] == 5
     assert opts["lr"] == 2e-3 and opts["weight_decay"] == 0.1
-    assert opts["split_qkv"] is True
+    assert opts["split_qkv"] is True and opts["ns_dtype"] == "bf16"  # fp32_matmul_prec medium
     assert (opts["ns_method"], opts["comm_dtype"], opts["plan"]) == ("standard", "bf16", "lpt")
 
 
@@ -88,7 +90,8 @@ def test_dmuon_flags_override():
 @pytest.mark.parametrize("field, value, words", [
     ("fp16", True, "use --bf16"),
     ("optimizer_cpu_offload", True, "--optimizer-cpu-offload"),
-    ("muon_coefficient_type", "aol", "--muon-coefficient-type aol"),
+    ("muon_coefficient_type", "custom", "--muon-coefficient-type custom"),
+    ("decoupled_weight_decay", False, "decoupled_weight_decay=False"),
     ("muon_scalar_optimizer", "lion", "--muon-scalar-optimizer lion"),
 ])
 def test_unsupported_settings_fail_before_building(field, value, words):

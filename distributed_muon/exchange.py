@@ -5,16 +5,24 @@ is copied between. A step (`Exchange.run`) is then, per chunk and direction, two
 ``_foreach_copy_`` calls and one ``all_to_all_single``, whatever the layout (even or ragged
 pieces, row or column blocks, replicas): no per-element Python and no allocation.
 
-Buffers on this rank (``local`` in the parameters' dtype, the rest in ``comm_dtype``):
+Buffers on this rank, all in the buffer dtype (``comm_dtype``, or the iteration's own dtype in
+one process):
 
 - ``local``: this rank's local values of every Muon parameter, concatenated; the optimizer
   writes the momentum update ``u`` here before `run`, and reads the scaled orthogonal update
-  here after it.
+  here after it (`local_views`). A parameter whose matrices this rank holds whole and owns
+  (every parameter in one process, a DDP owner's own matrices) has no room here: its local
+  view is its matrices' place in ``batch``, so it is neither stored twice nor copied.
 - ``batch``: the whole matrices this rank owns, as one ``[B, m, n]`` view per `Batch`
   (``Batch.view``).
 - one send and one receive buffer per direction, ordered by chunk, then peer rank, then
-  matrix, then piece; each chunk's all-to-all moves a narrow of them. Pieces a rank keeps for
-  itself are copied directly between ``local`` and ``batch``.
+  matrix, then piece; each chunk's all-to-all moves a narrow of them. Other pieces a rank
+  keeps for itself are copied directly between ``local`` and ``batch``.
+
+With ``free_between_steps`` the buffers hold memory only inside `in_use` (a step): their
+storage is freed after it and allocated again before the next, as FSDP2 frees unsharded
+parameters, so the planned views stay valid. Every value read in a step is written in it
+first, so nothing carries over.
 
 The two directions are named by where values go: to owners (each holder of a matrix's source
 replica sends its pieces to the owner) and to holders (the owner sends the update to every
@@ -30,9 +38,10 @@ overlaps chunk k's Newton-Schulz with the transfers of its neighbours.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,7 +231,8 @@ class Exchange:
     the ``meta`` device, to measure setup: it cannot run).
 
     ``chunks`` (>= 1) is the depth of the pipeline `run` builds (`chunk_of_matrices`); with 1
-    a step is one all-to-all each way.
+    a step is one all-to-all each way. ``free_between_steps``: the buffers hold memory only
+    inside `in_use` (module docstring).
     """
 
     def __init__(
@@ -232,9 +242,9 @@ class Exchange:
         group: dist.ProcessGroup | None,
         local_shapes: list[torch.Size],
         device: torch.device,
-        local_dtype: torch.dtype,
         comm_dtype: torch.dtype,
         chunks: int = 1,
+        free_between_steps: bool = False,
     ) -> None:
         check_chunks(chunks)
         self.layout, self.plan = layout, plan
@@ -245,12 +255,43 @@ class Exchange:
         # Each direction's whole send and receive buffers (one tensor for both in one process).
         self._route_buffers: dict[str, torch.Tensor] = {}
         self._allocate_batches()
-        self._allocate_local(local_shapes, local_dtype)
         to_owners, to_holders = _routings(layout, plan)
+        self._allocate_local(local_shapes, self._params_in_place(to_owners.keep, local_shapes))
         inward = self._routes(to_owners.split(self._chunk_of, chunks), towards_owner=True)
         outward = self._routes(to_holders.split(self._chunk_of, chunks), towards_owner=False)
         self.chunks = tuple(Chunk(*parts) for parts in zip(self._sub_batches(chunks), inward,
                                                             outward, strict=True))
+        self.free_between_steps = free_between_steps
+        self._storage_bytes = [(t.untyped_storage(), t.untyped_storage().nbytes())
+                               for t in self._owned_buffers()]
+        if free_between_steps:
+            self._resize(allocated=False)
+
+    # ------------------------------------------------------------ memory
+
+    def _owned_buffers(self) -> list[torch.Tensor]:
+        """The distinct tensors that own this exchange's memory."""
+        unique: dict[int, torch.Tensor] = {}
+        for t in (self.local, self._batch_flat, *self._route_buffers.values()):
+            unique.setdefault(id(t), t)
+        return list(unique.values())
+
+    def _resize(self, allocated: bool) -> None:
+        for storage, nbytes in self._storage_bytes:
+            storage.resize_(nbytes if allocated else 0)
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """The block in which the buffers hold memory (a step: momentum in, `run`, update
+        out). Without ``free_between_steps`` they always do and this does nothing."""
+        if not self.free_between_steps:
+            yield
+            return
+        self._resize(allocated=True)
+        try:
+            yield
+        finally:
+            self._resize(allocated=False)
 
     # ------------------------------------------------------------ buffers
 
@@ -284,17 +325,49 @@ class Exchange:
                 start += count
         return [tuple(p) for p in parts]
 
-    def _allocate_local(self, local_shapes: list[torch.Size], dtype: torch.dtype) -> None:
-        """``local`` (every Muon parameter's local values, concatenated) and its views."""
-        numels = [int(torch.Size(s).numel()) for s in local_shapes]
-        self.local = torch.zeros(sum(numels), dtype=dtype, device=self.device)
+    def _allocate_local(self, local_shapes: list[torch.Size], in_place: dict[int, int]) -> None:
+        """``local`` (the local values of every Muon parameter not in ``in_place``,
+        concatenated) and every parameter's view: in ``local``, or for a parameter in
+        ``in_place`` (parameter -> its first matrix) its matrices' run of ``batch``."""
+        numels = [0 if p in in_place else int(torch.Size(s).numel())
+                  for p, s in enumerate(local_shapes)]
+        self.local = torch.zeros(sum(numels), dtype=self.comm_dtype, device=self.device)
         self._param_base = [0]
         for k in numels:
             self._param_base.append(self._param_base[-1] + k)
+        self._in_place = frozenset(in_place)
         self.local_views = [
-            self.local.narrow(0, self._param_base[p], k).view(shape)
+            self._batch_flat.narrow(0, self._matrix_base[in_place[p]],
+                                    torch.Size(shape).numel()).view(shape)
+            if p in in_place else self.local.narrow(0, self._param_base[p], k).view(shape)
             for p, (k, shape) in enumerate(zip(numels, local_shapes, strict=True))
         ]
+
+    def _params_in_place(self, kept: list[Piece], local_shapes: list[torch.Size]
+                         ) -> dict[int, int]:
+        """Parameters whose local storage is whole matrices this rank owns, stored as they sit
+        in ``batch`` (each matrix's piece is all of it, matrices back to back in local storage
+        and in one run of ``batch``): parameter -> its first matrix."""
+        whole: dict[int, list[Piece]] = {}
+        for pc in kept:
+            mat = self.layout.matrices[pc.matrix]
+            b = pc.block
+            if (b.row0, b.row1, b.col0, b.col1, b.start, b.stop) == (0, mat.m, 0, mat.n, 0,
+                                                                      mat.m * mat.n):
+                whole.setdefault(pc.param, []).append(pc)
+        out = {}
+        for param, pieces in whole.items():
+            pieces.sort(key=lambda pc: pc.offset)
+            first = self._matrix_base[pieces[0].matrix]
+            pos = 0
+            for pc in pieces:
+                if pc.offset != pos or self._matrix_base[pc.matrix] != first + pos:
+                    break
+                pos += pc.size
+            else:
+                if pos == torch.Size(local_shapes[param]).numel():
+                    out[param] = pieces[0].matrix
+        return out
 
     def _local_run(self, pc: Piece) -> torch.Tensor:
         """The piece's values in ``local``: one contiguous run on its holder."""
@@ -340,6 +413,8 @@ class Exchange:
             s_pos += sum(send_counts)
             r_pos += sum(recv_counts)
             for pc in part.keep:
+                if pc.param in self._in_place:  # its local view is its place in the batch
+                    continue
                 for owner_view, local_view in self._owner_views(pc, self._local_run(pc)):
                     dst, src = ((owner_view, local_view) if towards_owner
                                 else (local_view, owner_view))
@@ -391,15 +466,16 @@ class Exchange:
 
     @property
     def buffers(self) -> dict[str, torch.Tensor]:
-        """This rank's persistent buffers, whole: ``local``, ``batch``, ``to_owners_send``,
+        """This rank's buffers, whole: ``local``, ``batch``, ``to_owners_send``,
         ``to_owners_recv``, ``to_holders_send``, ``to_holders_recv`` (in one process a
-        direction's receive buffer is its send buffer, the same tensor)."""
+        direction's receive buffer is its send buffer, the same tensor). With
+        ``free_between_steps`` they hold memory only inside `in_use`."""
         return {"local": self.local, "batch": self._batch_flat, **self._route_buffers}
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of each of `buffers` (``numel * element_size``), read from the tensors; a
-        buffer over the same memory as one before it (a receive buffer that is its send
-        buffer) counts 0 bytes, so the values add up to what is allocated (`count_once`)."""
+        """Bytes of each of `buffers` while in use (``numel * element_size``); a buffer over
+        the same memory as one before it (a receive buffer that is its send buffer) counts 0
+        bytes, so the values add up to what is allocated (`count_once`)."""
         return count_once(self.buffers)
 
     @property
@@ -414,13 +490,14 @@ class Exchange:
 
 def count_once(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     """``numel * element_size`` (bytes) of each named tensor, in order, with a tensor over the
-    same memory (device, address and size) as an earlier one counted as 0 bytes."""
+    same memory (storage, offset and size) as an earlier one counted as 0 bytes. Read from the
+    tensors' sizes, so a storage freed for now (`Exchange.in_use`) counts what it holds in use.
+    """
     seen: set[tuple] = set()
     out: dict[str, int] = {}
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
-        # Meta tensors have no address: only the same tensor object is the same memory there.
-        key = (id(t),) if t.device.type == "meta" else (str(t.device), t.data_ptr(), size)
+        key = (t.untyped_storage()._cdata, t.storage_offset(), size)
         out[name] = size if size and key not in seen else 0
         seen.add(key)
     return out

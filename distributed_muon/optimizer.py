@@ -17,7 +17,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,8 +58,8 @@ GROUP_OPTIONS: dict[str, Any] = {
     "scale": "match_rms_adamw",
     "ns_schedule": "jordan",
     "ns_steps": 5,
-    "ns_dtype": "bf16",  # a string, so group values stay plain data (torch DCP, JSON)
-    "ns_method": "standard",  # or "gram"; the GPU default waits for a GPU benchmark (issue 12)
+    "ns_dtype": "fp16",  # a string, so group values stay plain data (torch DCP, JSON)
+    "ns_method": "gram",  # chosen by measurement: docs/muon.md, "Default Newton-Schulz"
     "eps": 1e-7,
     "adamw_lr": None,
     "adamw_betas": (0.9, 0.95),
@@ -152,7 +152,7 @@ class DistributedMuon(Optimizer):
         scale: str = "match_rms_adamw",
         ns_schedule: str | list = "jordan",
         ns_steps: int = 5,
-        ns_dtype: DTypeLike = "bf16",
+        ns_dtype: DTypeLike = "fp16",
         eps: float = 1e-7,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -160,7 +160,7 @@ class DistributedMuon(Optimizer):
         adamw_weight_decay: float | None = None,
         adamw_bias_correction: bool = True,
         comm_dtype: DTypeLike = torch.bfloat16,
-        ns_method: str = "standard",
+        ns_method: str = "gram",
         *,
         process_group: dist.ProcessGroup | None = None,
         sharding: Sharding | None = None,
@@ -304,21 +304,24 @@ class DistributedMuon(Optimizer):
         if not devices and self._adamw:  # no matrices here: collectives on AdamW's device
             devices = {self.sharding.local(self._adamw[0][1]).device}
         device = devices.pop() if devices else torch.device("cpu")
-        local_dtype = torch.float32
-        for t in locals_:
-            local_dtype = torch.promote_types(local_dtype, t.dtype)
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
         costs = matrix_costs(self.layout.matrices, self._ns_cost, self.sharding.group, device)
         self.plan = OwnershipPlan.build(self.layout, costs, self._strategy)
-        # In one process nothing travels, so the buffer Newton-Schulz reads must not round
-        # the momentum below the iteration's own dtype: comm_dtype only if all NS is bf16.
+        # In one process nothing travels: an fp32/fp64 iteration reads u unrounded (exact
+        # parity). Half-precision ones read comm_dtype, as at any world size (fp16 NS still
+        # reads bf16: u is not normalized yet and may exceed fp16's range).
         buffer_dtype = self.comm_dtype
-        if self.layout.world_size == 1 and any(k.dtype != torch.bfloat16 for k in keys):
-            buffer_dtype = local_dtype
+        if self.layout.world_size == 1 and any(k.dtype.itemsize > 2 for k in keys):
+            buffer_dtype = torch.float32
+            for t in locals_:
+                buffer_dtype = torch.promote_types(buffer_dtype, t.dtype)
+        # On an accelerator the buffers are freed between steps: their memory returns to the
+        # caching allocator for activations, and taking it back costs microseconds. A CPU
+        # would fault every page of them in again each step.
         self.exchange = Exchange(
             self.layout, self.plan, self.sharding.group, [t.shape for t in locals_], device,
-            local_dtype, buffer_dtype, self.exchange_chunks,
+            buffer_dtype, self.exchange_chunks, free_between_steps=device.type != "cpu",
         )
         # The matrices the diagnostics sample: the first of each whole batch, whatever the chunks.
         self._sampled = frozenset(b.matrices[0] for b in self.exchange.batches)
@@ -403,14 +406,17 @@ class DistributedMuon(Optimizer):
           4 B each, on the CPU whatever the parameters' device);
         - ``exchange_local_bytes``, ``exchange_batch_bytes`` and
           ``exchange_{to_owners,to_holders}_{send,recv}_bytes``: the exchange's buffers
-          (`Exchange.memory_bytes`; in one process a receive buffer is its send buffer and
-          counts 0);
-        - ``total_bytes``: the sum of the above.
+          while a step runs (`Exchange.memory_bytes`; in one process a receive buffer is its
+          send buffer and counts 0, and ``local`` holds only the parameters not stored in
+          place in ``batch``);
+        - ``total_bytes``: the sum of the above, held while a step runs;
+        - ``between_steps_bytes``: what stays allocated between steps: the state, plus the
+          exchange's buffers unless they are freed between steps (on accelerators).
 
         State is created at a parameter's first step with a gradient: before it, its state
-        counts 0 bytes. Two tensors over the same memory (address and size: in one process a
-        send and a receive buffer) count once. Not included: the Newton-Schulz workspace and
-        the other transients of a step (allocated and freed inside it; measure them, e.g. with
+        counts 0 bytes. Two tensors over the same memory (a send buffer that is its receive
+        buffer) count once. Not included: the Newton-Schulz workspace and the other
+        transients of a step (allocated and freed inside it; measure them, e.g. with
         ``torch.cuda.max_memory_allocated``), parameters and gradients, and the diagnostics'
         buffers.
         """
@@ -438,6 +444,9 @@ class DistributedMuon(Optimizer):
         for k in buffers:
             out[f"exchange_{k}_bytes"] = counted[f"exchange/{k}"]
         out["total_bytes"] = sum(counted.values())
+        exchange = sum(counted[f"exchange/{k}"] for k in buffers)
+        out["between_steps_bytes"] = out["total_bytes"] - (
+            exchange if self.exchange.free_between_steps else 0)
         return out
 
     # ---------------------------------------------------------------- step
@@ -480,11 +489,12 @@ class DistributedMuon(Optimizer):
         clock = _PhaseClock(self.profile or diag is not None, seconds, self.exchange.local.device)
         if diag is not None:
             diag.begin()
-        self._momentum(grads)
-        clock.tick("momentum")
-        # to owners -> NS + scale per owned (sub-)batch -> to holders, pipelined in chunks.
-        self.exchange.run(functools.partial(self._orthogonalize, diag=diag), clock.tick)
-        self._apply_muon(grads)
+        with self.exchange.in_use():
+            self._momentum(grads)
+            clock.tick("momentum")
+            # to owners -> NS + scale per owned (sub-)batch -> to holders, pipelined in chunks.
+            self.exchange.run(functools.partial(self._orthogonalize, diag=diag), clock.tick)
+            self._apply_muon(grads)
         self._adamw_step(adamw_grads)
         if self.qk_clip is not None:  # after the update, on local rows only
             for weight, row_factor in self.qk_clip.step(self.sharding.group,
@@ -557,10 +567,14 @@ class DistributedMuon(Optimizer):
                     torch._foreach_lerp_(out, bufs, mu)
                 else:
                     torch._foreach_add_(out, bufs, alpha=mu)
-            else:  # low-precision parameters: u in their dtype, as the momentum is
-                u = torch._foreach_lerp(g, bufs, mu) if ema else torch._foreach_add(
-                    g, bufs, alpha=mu)
-                torch._foreach_copy_(out, u)
+            else:
+                # u in the momentum's dtype, rounded once into the (bf16) buffer; the
+                # transient is bounded by _U_CHUNK values, not every momentum at once.
+                for part in _bounded(range(len(idx)), [b.numel() for b in bufs], _U_CHUNK):
+                    gp, bp = [g[k] for k in part], [bufs[k] for k in part]
+                    u = torch._foreach_lerp(gp, bp, mu) if ema else torch._foreach_add(
+                        gp, bp, alpha=mu)
+                    torch._foreach_copy_([out[k] for k in part], u)
 
     def _apply_muon(self, grads: list[torch.Tensor | None]) -> None:
         views = self.exchange.local_views
@@ -616,6 +630,25 @@ class DistributedMuon(Optimizer):
                 step_sizes = [-lr] * len(steps)
             torch._foreach_add_(denom, group["adamw_eps"])
             torch._foreach_addcdiv_(params, m, denom, step_sizes)
+
+
+# Values of u computed at once when it cannot be computed in its buffer (64 Mi: 256 MiB fp32).
+_U_CHUNK = 1 << 26
+
+
+def _bounded(items: Sequence[int], sizes: Sequence[int], cap: int) -> Iterator[list[int]]:
+    """``items`` in order, cut into runs whose ``sizes`` add up to at most ``cap`` (an item
+    larger than ``cap`` is a run of its own)."""
+    run: list[int] = []
+    total = 0
+    for item, size in zip(items, sizes, strict=True):
+        if run and total + size > cap:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += size
+    if run:
+        yield run
 
 
 def _as_dtensor(value: Any, param: DTensor) -> Any:

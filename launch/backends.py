@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 LrFactor = Callable[[int], float]
 
 
-def _ns_dtype(device: torch.device) -> str:
-    # bf16 matmuls are slow on CPUs: Newton-Schulz in fp32 there, bf16 on GPUs.
-    return "bf16" if device.type == "cuda" else "fp32"
+def _ns_options(cfg: TrainConfig, device: torch.device) -> dict[str, str]:
+    """``ns_method``/``ns_dtype`` as asked, else the optimizer's defaults, except that
+    Newton-Schulz runs in fp32 on CPUs, where half-precision matmuls are slow."""
+    out = {"ns_method": cfg.ns_method} if cfg.ns_method else {}
+    if cfg.ns_dtype or device.type != "cuda":
+        out["ns_dtype"] = cfg.ns_dtype or "fp32"
+    return out
 
 
 class Backend:
@@ -121,7 +125,7 @@ class _TorchBackend(Backend):
             groups = muon_param_groups(model, **model.param_groups_spec())
             self.opt: torch.optim.Optimizer = DistributedMuon(
                 groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
-                ns_dtype=_ns_dtype(self.device), qk_clip_tau=cfg.qk_clip,
+                **_ns_options(cfg, self.device), qk_clip_tau=cfg.qk_clip,
                 diagnostics_every=cfg.diagnostics_every)
             _register_attention(model, self.opt, cfg)
         else:
@@ -229,7 +233,7 @@ class DeepSpeed(Backend):
             params = muon_param_groups(model, **model.param_groups_spec())
             block = {"type": "DistributedMuon", "params": {
                 "lr": cfg.peak_lr, "weight_decay": cfg.weight_decay,
-                "ns_dtype": _ns_dtype(self.device), "qk_clip_tau": cfg.qk_clip}}
+                **_ns_options(cfg, self.device), "qk_clip_tau": cfg.qk_clip}}
         else:
             params = model.parameters()
             block = {"type": "AdamW", "params": {

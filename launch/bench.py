@@ -56,9 +56,9 @@ class BenchConfig:
     warmup: int = option(3, "untimed steps first")
     device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
     ns_dtype: str | None = option(
-        None, "Newton-Schulz compute dtype (default bf16 on GPUs; fp32 on CPUs, whose bf16 "
-        "matmuls are slow)")
-    ns_method: str = option("standard", "Newton-Schulz method", choices=NS_METHODS)
+        None, "Newton-Schulz compute dtype (default the optimizer's, fp16, on GPUs; fp32 on "
+        "CPUs, whose half-precision matmuls are slow)")
+    ns_method: str = option("gram", "Newton-Schulz method", choices=NS_METHODS)
     comm_dtype: str = option("bf16", "exchange dtype")
     plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
     ns_cost: str | None = option(
@@ -84,7 +84,7 @@ class BenchConfig:
         shapes = self.shapes or (DEFAULT_SHAPES if cuda else CPU_SHAPES)
         parse_shapes(shapes)
         layers = self.layers or (DEFAULT_LAYERS if cuda else CPU_LAYERS)
-        ns_dtype = self.ns_dtype or ("bf16" if cuda else "fp32")
+        ns_dtype = self.ns_dtype or ("fp16" if cuda else "fp32")
         if self.ns_cost is not None:
             CostTable.load(self.ns_cost)  # a bad file is one line here, not a rank's traceback
         return replace(self, shapes=shapes, layers=layers, ns_dtype=ns_dtype)
@@ -245,10 +245,14 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     slowest = ranks[ns.index(max(ns))]["median_s"]
     exchange = slowest["to_owners"] + slowest["to_holders"]
     ratio = exchange / max(ns) if max(ns) > 0 else float("nan")
+    # The FLOP floor: the busiest rank's NS work at the measured matmul rate.
+    floor = max(r["ns_flops"] for r in ranks) / peak if peak > 0 else float("nan")
     lines += [
         "",
         f"NS imbalance (max/mean): planned {opt.plan.imbalance():.3f}, measured {measured:.3f}",
         f"exchange / NS time on the busiest rank: {ratio:.3f}",
+        f"NS time on the busiest rank: {max(ns) * 1e3:.2f} ms; its FLOP floor at the measured "
+        f"matmul rate: {floor * 1e3:.2f} ms ({max(ns) / floor:.2f}x)",
     ]
     if cfg.exchange_chunks > 1:
         lines.append("(pipelined: to_owners and to_holders are the exchange left exposed; ns "
@@ -264,6 +268,8 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         "planned_imbalance": opt.plan.imbalance(),
         "measured_imbalance": measured,
         "exchange_over_ns": ratio,
+        "ns_ms_max": max(ns) * 1e3,
+        "ns_floor_ms": floor * 1e3,
         "step_ms_max": max(total) * 1e3,
         "memory_rank0": ranks[0]["memory"],
         "cuda_memory_rank0": ranks[0]["cuda_memory"],
@@ -281,7 +287,8 @@ MEMORY_ROWS = (
     ("exchange_to_owners_recv_bytes", "to_owners recv"),
     ("exchange_to_holders_send_bytes", "to_holders send"),
     ("exchange_to_holders_recv_bytes", "to_holders recv"),
-    ("total_bytes", "total"),
+    ("total_bytes", "total in a step"),
+    ("between_steps_bytes", "between steps"),
 )
 GIB = 2**30
 
@@ -297,7 +304,8 @@ def memory_lines(rank: dict) -> list[str]:
     lines += [f"{label:<18}{mem[key] / GIB:>10.4f}{mem[key] / per:>14.2f}"
               for key, label in MEMORY_ROWS]
     cuda = rank.get("cuda_memory")
-    lines.append("(not accounted: the Newton-Schulz workspace and other transients of a step; "
+    lines.append("(the exchange's buffers are freed between steps on accelerators; not "
+                 "accounted: the Newton-Schulz workspace and other transients of a step; "
                  + ("the measured peak below holds them)" if cuda else "measured on CUDA only)"))
     if cuda:
         resident = cuda["allocated_before_bytes"]
@@ -305,8 +313,8 @@ def memory_lines(rank: dict) -> list[str]:
         lines.append(
             f"CUDA memory on rank {rank['rank']} (measured): allocated before the timed steps "
             f"{resident / GIB:.3f} GiB (parameters {rank['params_bytes'] / GIB:.3f}, gradients "
-            f"{rank['grads_bytes'] / GIB:.3f}, optimizer accounted "
-            f"{mem['total_bytes'] / GIB:.3f}); max_memory_allocated during them "
+            f"{rank['grads_bytes'] / GIB:.3f}, optimizer accounted between steps "
+            f"{mem['between_steps_bytes'] / GIB:.3f}); max_memory_allocated during them "
             f"{peak / GIB:.3f} GiB ({(peak - resident) / GIB:.3f} GiB above)")
     return lines
 

@@ -17,6 +17,8 @@ from distributed_muon.launch.run_checkpoint import CheckpointInfo, find_resume_c
 from distributed_muon.launch.run_folder import check_new_run, move_previous_run
 from distributed_muon.launch.tiny_moe import ModelConfig
 
+from distributed_muon.orthogonalize import NS_METHODS
+
 OPTIMIZERS = ("muon", "adamw")
 # Chosen by the same sweep for both optimizers (scripts/compare_optimizers.py, docs/train.md):
 # best validation loss over lr in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} at the default budget, seed 0.
@@ -47,6 +49,10 @@ class TrainConfig:
                                    "(muon only; inf: log the max logit, never clip)")
     diagnostics_every: int = option(10, "log Muon's per-matrix diagnostics and the gradient "
                                     "noise scale every N steps (0: off)")
+    ns_method: str | None = option(None, "Newton-Schulz method (default: the optimizer's, "
+                                   "gram)", choices=NS_METHODS)
+    ns_dtype: str | None = option(None, "Newton-Schulz compute dtype (default: fp16 on GPUs, "
+                                  "fp32 on CPUs)", choices=("bf16", "fp16", "fp32"))
     model: ModelConfig = field(default_factory=ModelConfig)
     # Set by `prepare`: the checkpoint folder a --resume starts from.
     resume_from: str | None = option(None, "", flag=False)
@@ -87,6 +93,13 @@ class TrainConfig:
             if self.compare:
                 raise ValueError("--qk-clip is an option of --optimizer muon, and --compare "
                                  "also trains adamw: drop --compare or --qk-clip")
+        ns = [f"--{k.replace('_', '-')}" for k in ("ns_method", "ns_dtype") if getattr(self, k)]
+        if ns and (self.optimizer != "muon" or self.compare):
+            raise ValueError(f"{' and '.join(ns)}: only for --optimizer muon without "
+                             "--compare; drop it")
+        if ns and self.backend == "megatron":
+            raise ValueError(f"{' and '.join(ns)}: not for --backend megatron, whose "
+                             "Newton-Schulz follows Megatron's --muon-* flags; drop it")
         BACKENDS[self.backend].check(self)
         here = world is None
         world = self.world_size if world is None else world

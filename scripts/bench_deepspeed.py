@@ -108,8 +108,25 @@ def optimizer_block(name: str, dmuon: dict[str, Any]) -> dict[str, Any]:
         return {"type": "Muon", "params": params}
     import distributed_muon.integrations.deepspeed  # noqa: F401  (registers "DistributedMuon")
 
-    params = {"lr": LR, "weight_decay": 0.1, "ns_dtype": "bf16", "comm_dtype": "bf16", **dmuon}
+    params = {"lr": LR, "weight_decay": 0.1, **dmuon}  # our defaults unless --dmuon says
     return {"type": "DistributedMuon", "params": params}
+
+
+def dmuon_memory(engine: Any) -> dict[str, int] | None:
+    """`DistributedMuon.memory_bytes` summed over the optimizers of the engine's DeepSpeedMuon
+    (one per param group partition) on this rank; None for the other optimizers."""
+    from distributed_muon.integrations.deepspeed import DeepSpeedMuon
+
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, DeepSpeedMuon):
+        opt = getattr(opt, "optimizer", None)  # ZeRO's wrapper holds it as .optimizer
+    if opt is None:
+        return None
+    total: dict[str, int] = {}
+    for unit in opt._units.values():
+        for key, value in unit.optimizer.memory_bytes().items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def ds_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,6 +220,7 @@ def main() -> None:
         if step >= args.warmup:
             times.append(dt.item())
 
+    resident = torch.cuda.memory_allocated()  # between steps: what the run keeps allocated
     peak = torch.tensor(torch.cuda.max_memory_allocated(), device=device, dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     loss_mean = torch.stack(losses)
@@ -216,6 +234,8 @@ def main() -> None:
             "step_s_median": statistics.median(times), "step_s_min": min(times),
             "step_s_max": max(times), "step_s_all": times,
             "peak_mem_gib": peak.item() / 2**30, "params": n_params,
+            "allocated_between_steps_gib": resident / 2**30,
+            "dmuon_memory_rank0": dmuon_memory(engine),
             "loss_first": loss_mean[0], "loss_last": loss_mean[-1],
             "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "optimizer_config": cfg["optimizer"],
@@ -227,8 +247,16 @@ def main() -> None:
               f"{result['tokens_per_step']} tokens: "
               f"step {result['step_s_median'] * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
               f"max {max(times) * 1e3:.1f}), peak {result['peak_mem_gib']:.2f} GiB, "
-              f"{n_params / 1e9:.3f}B params, loss {loss_mean[0]:.4f} -> {loss_mean[-1]:.4f}",
-              flush=True)
+              f"{n_params / 1e9:.3f}B params, loss {loss_mean[0]:.4f} -> {loss_mean[-1]:.4f}; "
+              f"allocated between steps {resident / 2**30:.2f} GiB", flush=True)
+        if result["dmuon_memory_rank0"]:
+            mem = result["dmuon_memory_rank0"]
+            exchange = sum(v for k, v in mem.items() if k.startswith("exchange_"))
+            print(f"[bench] DistributedMuon memory on rank 0 (GiB): momentum "
+                  f"{mem['muon_state_bytes'] / 2**30:.2f}, AdamW state "
+                  f"{mem['adamw_state_bytes'] / 2**30:.2f}, exchange buffers in a step "
+                  f"{exchange / 2**30:.2f}, kept between steps "
+                  f"{mem['between_steps_bytes'] / 2**30:.2f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

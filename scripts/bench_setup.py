@@ -73,8 +73,7 @@ def _setup(unit, keys, payloads: list[bytes], rank: int) -> dict[str, float]:
         rows = mine[mine[:, 0] == p]
         shapes.append(torch.Size([int((rows[:, 9] + rows[:, 8] - rows[:, 7]).max())
                                   if len(rows) else 0]))
-    ex = Exchange(layout, plan, None, shapes, torch.device("meta"), torch.float32,
-                  torch.bfloat16)
+    ex = Exchange(layout, plan, None, shapes, torch.device("meta"), torch.bfloat16)
     marks.append((time.perf_counter(), time.process_time()))
     out = {}
     for i, name in enumerate(("unpickle", "layout", "plan", "exchange")):

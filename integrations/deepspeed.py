@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 
 from distributed_muon.cost import resolve_ns_cost
 from distributed_muon.exchange import check_chunks
+from distributed_muon.heads import attention_row_blocks, refine
 from distributed_muon.layout import Region
 from distributed_muon.optimizer import (
     GROUP_OPTIONS,
@@ -61,7 +62,8 @@ from distributed_muon.sharding import Sharding
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
-_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost", "exchange_chunks")
+_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost", "exchange_chunks",
+                   "per_head_muon")
 # JSON names -> DistributedMuon options. As in DeepSpeed's own Muon, "betas" and "eps" are the
 # Adam part's (HF's Trainer fills them from adam_beta1/2 and adam_epsilon when "auto"), so
 # Newton-Schulz's eps is "ns_eps" here.
@@ -131,12 +133,16 @@ class DeepSpeedMuon(Optimizer):
     partition's owner plan balance measured seconds instead of NS FLOPs.
     ``exchange_chunks`` pipelines each partition's exchange with its Newton-Schulz
     (`DistributedMuon`).
+
+    ``per_head_muon`` (DeepSpeed's own key, same meaning): attention Q, K, V (separate or
+    fused) and latent up-projections of the engine's model are orthogonalized per head
+    (`distributed_muon.heads`); their groups are split by row blocks.
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
                  plan: str = "lpt", qk_clip_tau: float | None = None,
                  ns_cost: str | None = None, exchange_chunks: int = 1,
-                 **options: Any) -> None:
+                 per_head_muon: bool = False, **options: Any) -> None:
         options = json_options(options)
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
@@ -154,6 +160,8 @@ class DeepSpeedMuon(Optimizer):
             _refuse_unsupported(engine)
         names = {p: n for n, p in engine.module.named_parameters()} if engine else None
         groups, self.group_names = _split_groups(params, defaults, names)
+        if per_head_muon:
+            groups, self.group_names = _per_head(groups, self.group_names, engine)
         super().__init__(groups, defaults)
         self.group_params = [list(g["params"]) for g in self.param_groups]
         self._groups = list(self.param_groups)  # DeepSpeed swaps the list, never the dicts
@@ -412,6 +420,37 @@ def _split_groups(params: Iterable[Any], defaults: dict[str, Any],
             if parts[muon][0]:
                 out.append({**group, "params": parts[muon][0], "use_muon": muon})
                 out_names.append(parts[muon][1])
+    return out, out_names
+
+
+def _per_head(groups: list[dict[str, Any]], names: list[list[str]], engine: Any
+              ) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Muon groups split by per-head row blocks (heads read from the engine's model): a group
+    per distinct split, so each flat partition has one ``row_blocks``."""
+    if engine is None:
+        raise ValueError(
+            "DistributedMuon: \"per_head_muon\" needs the model, and no DeepSpeed engine is "
+            "building the optimizer: pass distributed_muon.muon_param_groups(model, "
+            "per_head=True) as the parameters instead")
+    muon_names = {n for g, ns in zip(groups, names, strict=True) if g["use_muon"] for n in ns}
+    blocks = attention_row_blocks(engine.module, names=muon_names)
+    out, out_names = [], []
+    for group, group_names in zip(groups, names, strict=True):
+        if not group["use_muon"]:
+            out.append(group)
+            out_names.append(group_names)
+            continue
+        split: dict[Any, tuple[list, list]] = {}
+        for p, name in zip(group["params"], group_names, strict=True):
+            rows = group.get("row_blocks")
+            if name in blocks:
+                rows = refine(rows, blocks[name], name)
+            split.setdefault(rows, ([], []))
+            split[rows][0].append(p)
+            split[rows][1].append(name)
+        for rows, (ps, ns) in split.items():
+            out.append({**group, "params": ps, "row_blocks": rows})
+            out_names.append(ns)
     return out, out_names
 
 

@@ -59,13 +59,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from distributed_muon.launch.slurm import TRAIN_FLAGS, SlurmConfig, render
+    from distributed_muon.launch.slurm import TRAIN_FLAGS, SlurmConfig
     from distributed_muon.launch.train_config import TrainConfig
 
     style = args.launcher if args.backend in ("fsdp2", "ddp") else args.backend
     train_args = list(args.train_args)
     if train_args[:1] == ["--"]:
         train_args = train_args[1:]
+    if args.script is not None:  # the arguments after -- are the script's, not dmuon train's
+        cfg = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          tasks_per_node=args.tasks_per_node, style=style,
+                          job_name=args.job_name, partition=args.partition, time=args.time,
+                          port=args.port, python=args.python, train_args=train_args,
+                          script=args.script)
+        _emit(cfg, args.output)
+        return 0
     if any(a == "--backend" or a.startswith("--backend=") for a in train_args):
         raise ValueError("--backend after --: give it to dmuon slurm (before --), which picks "
                          "the launcher for it")
@@ -85,13 +93,19 @@ def _slurm(args: argparse.Namespace) -> int:
             .validate(world=cfg.world)
     except ValueError as err:
         raise ValueError(f"after --: {err}") from None
+    _emit(cfg, args.output)
+    return 0
+
+
+def _emit(cfg: typing.Any, output: str | None) -> None:
+    from distributed_muon.launch.slurm import render
+
     text = render(cfg)
-    if args.output:
-        _write_script(Path(args.output), text)
-        print(f"wrote {args.output}: submit with  sbatch {args.output}")
+    if output:
+        _write_script(Path(output), text)
+        print(f"wrote {output}: submit with  sbatch {output}")
     else:
         print(text, end="")
-    return 0
 
 
 def _write_script(path: Path, text: str) -> None:
@@ -119,6 +133,13 @@ def _ckpt(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from None
     print(f"wrote {summary['parameters']} parameters from {summary['ranks']} ZeRO-"
           f"{summary['zero_stage']} ranks to {args.dst}")
+    return 0
+
+
+def _megatron(args: argparse.Namespace) -> int:
+    from distributed_muon.launch.megatron_run import run
+
+    run(args.script, args.script_args)
     return 0
 
 
@@ -201,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     slurm = sub.add_parser(
         "slurm", help="render an sbatch script for a multi-node `dmuon train` job",
-        description="Render an sbatch script. Arguments after `--` go to `dmuon train`.")
+        description="Render an sbatch script. Arguments after `--` go to `dmuon train` (or, "
+        "with --script, to that script).")
     slurm.add_argument("--nodes", type=int, default=2, help="nodes in the job")
     slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes")
     slurm.add_argument("--tasks-per-node", type=int,
@@ -218,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--python", default="python3", help="interpreter on the nodes")
     slurm.add_argument("--output", "-o", help="write the script here (its folder is created) "
                        "instead of stdout")
+    slurm.add_argument("--script", help="with --backend megatron: run this Megatron-LM training "
+                       "script (e.g. pretrain_gpt.py, its arguments after --) through `dmuon "
+                       "megatron` instead of dmuon train")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, help="-- dmuon train flags")
     slurm.set_defaults(func=_slurm)
     ckpt = sub.add_parser(
@@ -229,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("src", help="the DeepSpeed checkpoint tag folder (e.g. ckpt/global_step100)")
     ckpt.add_argument("dst", help="output folder (must not exist)")
     ckpt.set_defaults(func=_ckpt)
+    megatron = sub.add_parser(
+        "megatron", help="run a Megatron-LM training script with --optimizer dmuon registered",
+        description="Run a Megatron-LM training script (e.g. pretrain_gpt.py) unchanged, as "
+        "`python SCRIPT ARGS...` would, with --optimizer dmuon and the --dmuon-* flags "
+        "registered. Under torchrun: torchrun ... -m distributed_muon.launch.megatron_run "
+        "SCRIPT ARGS...")
+    megatron.add_argument("script", help="the training script, e.g. pretrain_gpt.py")
+    megatron.add_argument("script_args", nargs=argparse.REMAINDER,
+                          help="the script's own arguments, e.g. --optimizer dmuon ...")
+    megatron.set_defaults(func=_megatron)
     from distributed_muon.launch.plan import add_arguments as add_plan_arguments
 
     plan = sub.add_parser(

@@ -8,7 +8,9 @@ Launch styles (templates in ``launch/templates/``):
   and ``SLURM_LOCALID`` itself (CPU clusters, or where torchrun is not wanted).
 - ``deepspeed``: one ``srun`` task per rank with DeepSpeed's environment (``--backend
   deepspeed``).
-- ``megatron``: as ``torchrun``, running ``dmuon train --backend megatron`` (GPU nodes only).
+- ``megatron``: as ``torchrun``, running ``dmuon train --backend megatron``, or with
+  ``--script`` a Megatron-LM training script through `distributed_muon.launch.megatron_run`
+  (GPU nodes only).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SlurmConfig:
     port: int = 29500
     python: str = "python3"
     train_args: list[str] = field(default_factory=list)
+    script: str | None = None  # megatron: a Megatron-LM script run by `dmuon megatron`
 
     def validate(self) -> None:
         if self.style not in STYLES:
@@ -48,6 +51,9 @@ class SlurmConfig:
             raise ValueError("--nodes must be >= 1 and --gpus-per-node >= 0")
         if self.style == "torchrun" and self.gpus_per_node == 0 and not self.tasks_per_node:
             raise ValueError("--style torchrun needs --gpus-per-node or --tasks-per-node")
+        if self.script is not None and self.style != "megatron":
+            raise ValueError("--script runs a Megatron-LM training script: use it with "
+                             "--backend megatron")
         if self.style == "megatron" and self.gpus_per_node == 0:
             raise ValueError("--backend megatron runs on GPU nodes only: set --gpus-per-node")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
@@ -93,4 +99,12 @@ def render(cfg: SlurmConfig) -> str:
         port=cfg.port,
         python=cfg.python,
         train_args=" ".join(shlex.quote(a) for a in cfg.train_args),
+        program=_program(cfg),
     )
+
+
+def _program(cfg: SlurmConfig) -> str:
+    """What each megatron rank runs: `dmuon train`, or the user's script through the runner."""
+    if cfg.script is not None:
+        return f"-m distributed_muon.launch.megatron_run {shlex.quote(cfg.script)}"
+    return "-m distributed_muon.launch.cli train --backend megatron --device cuda"

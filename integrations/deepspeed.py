@@ -160,6 +160,9 @@ class DeepSpeedMuon(Optimizer):
             _refuse_unsupported(engine)
         names = {p: n for n, p in engine.module.named_parameters()} if engine else None
         groups, self.group_names = _split_groups(params, defaults, names)
+        if not isinstance(per_head_muon, bool):
+            raise ValueError(f"DistributedMuon: \"per_head_muon\": {per_head_muon!r} must be "
+                             "true or false")
         if per_head_muon:
             groups, self.group_names = _per_head(groups, self.group_names, engine)
         super().__init__(groups, defaults)

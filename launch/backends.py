@@ -48,6 +48,7 @@ class Backend:
 
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
+    supports_per_head: ClassVar[bool] = False  # whether it passes --per-head to the optimizer
 
     def __init__(self, cfg: TrainConfig, device: torch.device, lr_factor: LrFactor) -> None:
         self.cfg, self.device, self.lr_factor = cfg, device, lr_factor
@@ -114,6 +115,7 @@ class _TorchBackend(Backend):
     """FSDP2 and DDP: our optimizer (or torch's AdamW), torch's schedule, DCP checkpoints."""
 
     checkpoint_format = "dcp"
+    supports_per_head = True
 
     def wrap(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -122,7 +124,8 @@ class _TorchBackend(Backend):
         self.model = self.wrap(model)
         cfg = self.cfg
         if cfg.optimizer == "muon":
-            groups = muon_param_groups(model, **model.param_groups_spec())
+            groups = muon_param_groups(model, per_head=cfg.per_head,
+                                       **model.param_groups_spec())
             self.opt: torch.optim.Optimizer = DistributedMuon(
                 groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
                 **_ns_options(cfg, self.device), qk_clip_tau=cfg.qk_clip,
@@ -210,6 +213,7 @@ class DeepSpeed(Backend):
 
     name = "deepspeed"
     checkpoint_format = "deepspeed"
+    supports_per_head = True
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -233,7 +237,9 @@ class DeepSpeed(Backend):
             params = muon_param_groups(model, **model.param_groups_spec())
             block = {"type": "DistributedMuon", "params": {
                 "lr": cfg.peak_lr, "weight_decay": cfg.weight_decay,
-                **_ns_options(cfg, self.device), "qk_clip_tau": cfg.qk_clip}}
+                **_ns_options(cfg, self.device), "qk_clip_tau": cfg.qk_clip,
+                # DeepSpeed's own key: the qkv's (q, k, v) row blocks refined into heads.
+                "per_head_muon": cfg.per_head}}
         else:
             params = model.parameters()
             block = {"type": "AdamW", "params": {

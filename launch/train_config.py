@@ -47,6 +47,8 @@ class TrainConfig:
                                     choices=(0, 1, 2, 3))
     qk_clip: float | None = option(None, "QK-clip threshold tau on max attention logits "
                                    "(muon only; inf: log the max logit, never clip)")
+    per_head: bool = option(False, "Newton-Schulz per attention head: Q, K, V rows split "
+                            "into one matrix per head (muon only)")
     diagnostics_every: int = option(10, "log Muon's per-matrix diagnostics and the gradient "
                                     "noise scale every N steps (0: off)")
     ns_method: str | None = option(None, "Newton-Schulz method (default: the optimizer's, "
@@ -100,6 +102,13 @@ class TrainConfig:
         if ns and self.backend == "megatron":
             raise ValueError(f"{' and '.join(ns)}: not for --backend megatron, whose "
                              "Newton-Schulz follows Megatron's --muon-* flags; drop it")
+        if self.per_head:
+            if self.optimizer != "muon" or self.compare:
+                raise ValueError("--per-head is an option of --optimizer muon (and --compare "
+                                 "also trains adamw): drop --per-head, or train muon alone")
+            if not BACKENDS[self.backend].supports_per_head:
+                raise ValueError(f"--per-head is not supported with --backend {self.backend} "
+                                 "yet: use --backend fsdp2, ddp or deepspeed")
         BACKENDS[self.backend].check(self)
         here = world is None
         world = self.world_size if world is None else world

@@ -50,6 +50,9 @@ BAD_INPUTS = [
     (["train", "--qk-clip", "30", "--optimizer", "adamw"], None, 2,
      "drop --qk-clip or use --optimizer muon"),
     (["train", "--qk-clip", "30", "--compare"], None, 2, "drop --compare or --qk-clip"),
+    (["train", "--per-head", "--optimizer", "adamw"], None, 2,
+     "--per-head is an option of --optimizer muon"),
+    (["train", "--per-head", "--compare"], None, 2, "drop --per-head, or train muon alone"),
     (["train", "--step", "3"], None, 2, "unrecognized arguments: --step 3"),  # no prefixes
     (["train", "--resume"], None, 2, "no checkpoint"),
     (["train", "--out", "{tmp}/run"], lambda run: run.write_text("x"), 2, "is a file"),

@@ -162,3 +162,19 @@ def test_ctrl_c_is_one_line_with_the_step_to_resume_from(tmp_path):
     assert err.strip() == (f"dmuon train: interrupted at step {step}; last checkpoint step "
                            f"{saved}; continue with `dmuon train --out {out} --resume`")
     assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)  # no rank left behind
+
+
+@pytest.mark.usefixtures("deepspeed_comm_op")
+def test_per_head_trains_alike_on_fsdp2_and_deepspeed(tmp_path):
+    """`--per-head` reaches the optimizer through both routes (FSDP2: muon_param_groups;
+    DeepSpeed ZeRO-2: "per_head_muon" in the JSON): the same curve on both, another curve
+    than without it."""
+    flags = ("--steps", "4", "--eval-every", "4")
+    train(tmp_path / "fsdp", *flags, "--per-head")
+    train(tmp_path / "ds", *flags, "--per-head", "--backend", "deepspeed")
+    train(tmp_path / "whole", *flags)
+    per_head = [r["loss"] for r in metrics(tmp_path / "fsdp")]
+    assert [r["loss"] for r in metrics(tmp_path / "ds")] == pytest.approx(per_head, rel=1e-5)
+    whole = [r["loss"] for r in metrics(tmp_path / "whole")]
+    assert whole[0] == pytest.approx(per_head[0])  # same start; the updates differ
+    assert all(abs(a - b) > 1e-4 for a, b in zip(whole[1:], per_head[1:], strict=True))

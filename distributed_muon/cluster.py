@@ -49,13 +49,15 @@ TP_SPLITS = (None, "col", "row")
 class ModelParam:
     """One Muon parameter: ``shape`` its global shape (``[E, m, n]`` for a routed-expert
     tensor with ``expert=True``), ``layer`` its transformer layer, ``tp`` its Megatron split:
-    ``"col"`` (rows cut over TP), ``"row"`` (columns cut) or None (whole on every TP rank)."""
+    ``"col"`` (rows cut over TP), ``"row"`` (columns cut) or None (whole on every TP rank);
+    ``row_blocks`` its logical matrices' rows (`MatrixSpec`), as its param group sets them."""
 
     name: str
     shape: tuple[int, ...]
     layer: int
     expert: bool = False
     tp: str | None = None
+    row_blocks: tuple[int, ...] | None = None  # e.g. one block per head (per-head NS)
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def _flat(rank: int, replica: int, spec: MatrixSpec, start: int, stop: int,
 
 
 def _spec(p: ModelParam) -> MatrixSpec:
-    return MatrixSpec.of(p.shape, name=p.name)
+    return MatrixSpec.of(p.shape, p.row_blocks, name=p.name)
 
 
 def stages(params: Sequence[ModelParam], pp: int) -> list[list[ModelParam]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_muon.cluster import ModelParam
+from distributed_muon.heads import head_row_blocks
 
 # Fields of the published config.json files (see docs/scale.md for the sources).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -75,11 +76,15 @@ BUILTIN: dict[str, Callable[[], list[ModelParam]]] = {"bench-16x2048": bench_mod
 MODELS = (*PRESETS, *BUILTIN)
 
 
-def load_model(name_or_path: str) -> list[ModelParam]:
-    """A preset's or a ``config.json`` file's Muon parameters (ValueError names the fix)."""
+def load_model(name_or_path: str, per_head: bool = False) -> list[ModelParam]:
+    """A preset's or a ``config.json`` file's Muon parameters (ValueError names the fix);
+    ``per_head``: attention split per head (`params_from_config`)."""
     if name_or_path in PRESETS:
-        return params_from_config(PRESETS[name_or_path])
+        return params_from_config(PRESETS[name_or_path], per_head=per_head)
     if name_or_path in BUILTIN:
+        if per_head:
+            raise ValueError(f"--model {name_or_path} has no attention heads to split: "
+                             "--per-head needs a preset or a config.json")
         return BUILTIN[name_or_path]()
     path = Path(name_or_path)
     if not path.is_file():
@@ -91,7 +96,7 @@ def load_model(name_or_path: str) -> list[ModelParam]:
         raise ValueError(f"--model {name_or_path}: not a JSON file ({err})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"--model {name_or_path}: a config.json holds a JSON object")
-    return params_from_config(cfg, label=str(path))
+    return params_from_config(cfg, label=str(path), per_head=per_head)
 
 
 def _int(cfg: dict[str, Any], key: str, label: str, default: Any = ...) -> int:
@@ -104,8 +109,11 @@ def _int(cfg: dict[str, Any], key: str, label: str, default: Any = ...) -> int:
     return value
 
 
-def params_from_config(cfg: dict[str, Any], label: str = "config") -> list[ModelParam]:
-    """The Muon parameters of the decoder a Hugging Face config describes."""
+def params_from_config(cfg: dict[str, Any], label: str = "config",
+                       per_head: bool = False) -> list[ModelParam]:
+    """The Muon parameters of the decoder a Hugging Face config describes; ``per_head``: the
+    attention Q, K, V and latent up-projections split into one matrix per head, as
+    ``muon_param_groups(model, per_head=True)`` splits them."""
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers (Kimi K2.5, Kimi-VL) hold it here
     h = _int(cfg, "hidden_size", label)
     layers = _int(cfg, "num_hidden_layers", label)
@@ -120,8 +128,10 @@ def params_from_config(cfg: dict[str, Any], label: str = "config") -> list[Model
         pre = f"layers.{i}"
 
         def add(name: str, shape: tuple[int, ...], tp: str | None, expert: bool = False,
-                pre: str = pre, i: int = i) -> None:
-            out.append(ModelParam(f"{pre}.{name}.weight", shape, i, expert, tp))
+                head: int | None = None, pre: str = pre, i: int = i) -> None:
+            full = f"{pre}.{name}.weight"
+            blocks = head_row_blocks(shape[0], head, full) if per_head and head else None
+            out.append(ModelParam(full, shape, i, expert, tp, blocks))
 
         if cfg.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek-V2/V3)
             nope = _int(cfg, "qk_nope_head_dim", label)
@@ -131,18 +141,19 @@ def params_from_config(cfg: dict[str, Any], label: str = "config") -> list[Model
             q_rank = cfg.get("q_lora_rank")
             if q_rank:
                 add("self_attn.q_a_proj", (q_rank, h), None)
-                add("self_attn.q_b_proj", (heads * (nope + rope), q_rank), "col")
+                add("self_attn.q_b_proj", (heads * (nope + rope), q_rank), "col",
+                    head=nope + rope)
             else:
-                add("self_attn.q_proj", (heads * (nope + rope), h), "col")
+                add("self_attn.q_proj", (heads * (nope + rope), h), "col", head=nope + rope)
             add("self_attn.kv_a_proj_with_mqa", (kv_rank + rope, h), None)
-            add("self_attn.kv_b_proj", (heads * (nope + v), kv_rank), "col")
+            add("self_attn.kv_b_proj", (heads * (nope + v), kv_rank), "col", head=nope + v)
             add("self_attn.o_proj", (h, heads * v), "row")
         else:
             hd = cfg.get("head_dim") or h // heads
             kv = _int(cfg, "num_key_value_heads", label, heads)
-            add("self_attn.q_proj", (heads * hd, h), "col")
-            add("self_attn.k_proj", (kv * hd, h), "col")
-            add("self_attn.v_proj", (kv * hd, h), "col")
+            add("self_attn.q_proj", (heads * hd, h), "col", head=hd)
+            add("self_attn.k_proj", (kv * hd, h), "col", head=hd)
+            add("self_attn.v_proj", (kv * hd, h), "col", head=hd)
             add("self_attn.o_proj", (h, heads * hd), "row")
         if experts and _is_moe_layer(cfg, i):
             inter = _int(cfg, "moe_intermediate_size", label, cfg.get("intermediate_size", ...))

@@ -24,6 +24,7 @@ import numpy as np
 
 from distributed_muon.cluster import LAYOUTS, ModelParam, ParallelLayout, Unit, units
 from distributed_muon.layout import P_MATRIX, P_RANK, P_REPLICA, P_START, P_STOP, ShardLayout
+from distributed_muon.params import MatrixSpec
 from distributed_muon.plan import OwnershipPlan, ns_flops, pinned_holders
 
 STRATEGIES = ("redundant", "round_robin", "lpt", "layerwise")
@@ -251,6 +252,7 @@ class PlanConfig:
     ns_steps: int
     comm_bytes: int
     strategies: tuple[str, ...]
+    per_head: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes per value exchanged (bf16: 2, fp32: 4)")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
                         help="ownership strategies to compare")
+    parser.add_argument("--per-head", action="store_true",
+                        help="attention Q, K, V split into one matrix per head (as dmuon train "
+                        "--per-head)")
     parser.add_argument("--json", help="also write the result as JSON here")
 
 
@@ -315,12 +320,12 @@ def run_plan(cfg: PlanConfig, params: list[ModelParam] | None = None) -> dict[st
                              "least 1")
     hw = hardware_of(cfg)
     if params is None:
-        params = load_model(cfg.model)
+        params = load_model(cfg.model, per_head=cfg.per_head)
     if not params:
         raise ValueError(f"--model {cfg.model}: no Muon matrices")
     layout = ParallelLayout(cfg.layout, cfg.gpus, tp=cfg.tp, ep=cfg.ep, pp=cfg.pp,
                             replicate=cfg.replicate)
-    matrices = sum(math.prod(p.shape[:-2]) for p in params)
+    matrices = sum(len(MatrixSpec.of(p.shape, p.row_blocks).matrices()) for p in params)
     if cfg.layout == "ddp" and matrices * cfg.gpus > MAX_PIECES:
         raise ValueError(f"ddp: {matrices} matrices x {cfg.gpus} replicas is too many pieces "
                          "to plan; DDP is not a layout for this size (try fsdp2 or hsdp)")

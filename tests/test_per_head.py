@@ -256,3 +256,47 @@ def test_world_one_is_per_head_muon():
     split = [0, 1, 2, 4]  # q, k, v, qkv (o_proj, proj and fc are whole in both)
     assert all(not torch.allclose(want[i], whole[i]) for i in split)
     assert all(torch.equal(want[i], whole[i]) for i in (3, 5, 6))
+
+
+# ------------------------------------------------------------------ dmuon plan, cost model
+
+# hidden 8, 2 layers, 2 heads of 4, 1 KV head, MLP 16 (as tests/test_cluster_plan.py's TINY).
+TINY = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "intermediate_size": 16}
+
+
+def test_plan_counts_heads_as_matrices():
+    from distributed_muon.launch.model_configs import load_model, params_from_config
+    from distributed_muon.launch.plan import PlanConfig, run_plan
+
+    from distributed_muon.plan import ns_flops
+
+    params = params_from_config(TINY, per_head=True)
+    blocks = {p.name.split(".", 2)[2]: p.row_blocks for p in params if p.layer == 0}
+    assert blocks["self_attn.q_proj.weight"] == (4, 4)
+    assert blocks["self_attn.k_proj.weight"] == blocks["self_attn.v_proj.weight"] == (4,)
+    assert blocks["self_attn.o_proj.weight"] is None
+    cfg = PlanConfig(model="x", layout="fsdp2", gpus=2, tp=1, ep=1, pp=1, replicate=1,
+                     hardware="h100", gpus_per_node=None, peak_tflops=None, ns_efficiency=None,
+                     hbm_gbs=None, intra_gbs=None, inter_gbs=None, ns_steps=5, comm_bytes=2,
+                     strategies=("redundant", "lpt"), per_head=True)
+    result = run_plan(cfg, params)
+    # Per layer: q's 2 heads + k + v (4 x 8 each), o (8 x 8), gate, up, down.
+    assert result["matrices"] == result["units"][0]["matrices"] == 2 * (4 + 1 + 3)
+    total = 2 * (4 * ns_flops(4, 8, 5) + ns_flops(8, 8, 5) + 3 * ns_flops(16, 8, 5))
+    redundant, lpt = result["strategies"]
+    assert redundant["ns_flops_max"] == total and lpt["ns_flops_max"] == total / 2
+    # Latent attention: q_b per (nope + rope), kv_b per (nope + v); presets resolve per head.
+    ds = {p.name.split(".", 2)[2]: p.row_blocks for p in load_model("deepseek-v3", True)
+          if p.layer == 0}
+    assert ds["self_attn.q_b_proj.weight"] == (192,) * 128
+    assert ds["self_attn.kv_b_proj.weight"] == (256,) * 128
+    assert ds["self_attn.q_a_proj.weight"] is None
+
+
+def test_plan_per_head_needs_heads(capsys):
+    from distributed_muon.launch.cli import main
+
+    assert main(["plan", "--model", "bench-16x2048", "--gpus", "2", "--per-head"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no attention heads" in err, err

@@ -130,8 +130,11 @@ def _inner(opt):
 
 def _reference(start: dict[str, torch.Tensor], config):
     """`DistributedMuon` on fp32 copies, grouped independently of the adapter by Megatron's
-    rules: 2-D non-embedding/output weights -> Muon (QKV as [Q; K; V], rows regrouped here),
-    the rest AdamW; no weight decay on 1-D params and biases; spectral = 5 x match_rms_adamw."""
+    rules: 2-D weights but the word embedding and output layer -> Muon (the learned position
+    embedding too; QKV as [Q; K; V], rows regrouped here), the rest AdamW; no weight decay on
+    1-D params and biases; spectral = 5 x match_rms_adamw; Megatron's per-step "quintic"."""
+    from distributed_muon.integrations.megatron_parity import MEGATRON_COEFFICIENTS
+
     from distributed_muon import DistributedMuon
 
     q = HEADS // GROUPS * config.kv_channels
@@ -141,7 +144,7 @@ def _reference(start: dict[str, torch.Tensor], config):
         p = torch.nn.Parameter(_grouped(t, qkv) if name.endswith("linear_qkv.weight") else
                                t.clone())
         params[name] = p
-        matrix = p.ndim == 2 and "embedding" not in name and "output_layer" not in name
+        matrix = p.ndim == 2 and "word_embeddings" not in name and "output_layer" not in name
         group = {"params": [p], "use_muon": matrix}
         if matrix:
             group.update(lr=LR * 5, weight_decay=WD / 5)
@@ -152,7 +155,7 @@ def _reference(start: dict[str, torch.Tensor], config):
                          else WD)
         groups.append(group)
     opt = DistributedMuon(groups, momentum=0.95, nesterov=False, adamw_betas=(0.9, 0.999),
-                          adamw_eps=1e-8)
+                          adamw_eps=1e-8, ns_schedule=MEGATRON_COEFFICIENTS["quintic"])
 
     def step(grads):
         for name, p in params.items():

@@ -27,7 +27,7 @@ from distributed_muon.optimizer import DistributedMuon
 from distributed_muon.params import muon_param_groups
 
 # Options of `muon_param_groups` (the split); every other keyword goes to `DistributedMuon`.
-_SELECTION = ("adamw", "row_blocks")
+_SELECTION = ("adamw", "row_blocks", "per_head")
 
 
 def muon_optimizer(
@@ -37,6 +37,7 @@ def muon_optimizer(
     model: nn.Module | None = None,
     adamw: Iterable[str] = (),
     row_blocks: Mapping[str, Sequence[int]] | None = None,
+    per_head: bool | Sequence[str] = False,
     **options: Any,
 ) -> DistributedMuon | Callable[..., DistributedMuon]:
     """A `DistributedMuon` over ``model``'s trainable parameters, split by `muon_param_groups`.
@@ -53,15 +54,16 @@ def muon_optimizer(
       same rule and named from ``model``.
 
     ``options`` are `DistributedMuon`'s (``lr``, ``weight_decay``, ``adamw_betas``,
-    ``ns_dtype``, ``comm_dtype``, ...); ``row_blocks`` splits fused weights as in
-    `muon_param_groups`. The Trainer does not pass ``TrainingArguments.learning_rate`` to an
-    ``optimizer_cls_and_kwargs`` optimizer: give ``lr`` here.
+    ``ns_dtype``, ``comm_dtype``, ...); ``row_blocks`` splits fused weights and ``per_head``
+    attention projections per head, as in `muon_param_groups`. The Trainer does not pass
+    ``TrainingArguments.learning_rate`` to an ``optimizer_cls_and_kwargs`` optimizer: give
+    ``lr`` here.
     """
     if model_or_params is None and model is None:
-        if options or adamw or row_blocks is not None:
+        if options or adamw or row_blocks is not None or per_head:
             raise ValueError("muon_optimizer needs the model: muon_optimizer(model, lr=...)")
         return muon_optimizer  # the Trainer's factory protocol: factory() then factory(model)
-    selection = {"adamw": tuple(adamw), "row_blocks": row_blocks}
+    selection = {"adamw": tuple(adamw), "row_blocks": row_blocks, "per_head": per_head}
     if model_or_params is None or isinstance(model_or_params, nn.Module):
         if model is not None and model_or_params is not None and model is not model_or_params:
             raise ValueError(

@@ -300,3 +300,14 @@ def test_plan_per_head_needs_heads(capsys):
     assert main(["plan", "--model", "bench-16x2048", "--gpus", "2", "--per-head"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no attention heads" in err, err
+
+
+def test_trainer_factory_takes_per_head():
+    from distributed_muon.integrations.transformers import muon_optimizer
+
+    net = _net()
+    opt = muon_optimizer(net, per_head=True, lr=0.01)
+    split = {id(p) for g in opt.param_groups if g["row_blocks"] for p in g["params"]}
+    assert split == {id(p) for n, p in net.named_parameters() if n in EXPECTED}
+    blocks = {tuple(g["row_blocks"]) for g in opt.param_groups if g["row_blocks"]}
+    assert blocks == {(HD,) * HEADS, (HD,) * KV, (HD,) * 9}

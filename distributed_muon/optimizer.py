@@ -511,14 +511,20 @@ class DistributedMuon(Optimizer):
         return loss
 
     def _orthogonalize(self, batch: Batch, diag: Diagnostics | None) -> None:
-        """``batch.view``: momentum updates in, scaled orthogonalized updates out."""
+        """``batch.view``: momentum updates in, scaled orthogonalized updates out, in calls of
+        at most `_NS_CALL_VALUES` values (at least one matrix): the workspace of Newton-Schulz
+        is bounded by that, not by the batch, and large matrices keep the GPU busy anyway."""
         scale = shape_scale(batch.options.scale, batch.m, batch.n)
-        ortho = orthogonalize(batch.view, batch.options)
-        if diag is not None:  # u is still in batch.view
-            diag.record_batch(batch.matrices, batch.view, ortho, [
-                self._group_of_matrix(mid)["lr"] * scale for mid in batch.matrices],
-                sample=batch.matrices[0] in self._sampled)
-        batch.view.copy_(ortho.mul_(scale))
+        per_call = max(1, _NS_CALL_VALUES // (batch.m * batch.n))
+        for start in range(0, len(batch.matrices), per_call):
+            view = batch.view[start:start + per_call]
+            matrices = batch.matrices[start:start + per_call]
+            ortho = orthogonalize(view, batch.options)
+            if diag is not None:  # u is still in view
+                diag.record_batch(matrices, view, ortho, [
+                    self._group_of_matrix(mid)["lr"] * scale for mid in matrices],
+                    sample=matrices[0] in self._sampled)
+            view.copy_(ortho.mul_(scale))
         self.ns_matrices += len(batch.matrices)
 
     def _group_of_matrix(self, matrix: int) -> dict[str, Any]:
@@ -634,6 +640,9 @@ class DistributedMuon(Optimizer):
 
 # Values of u computed at once when it cannot be computed in its buffer (64 Mi: 256 MiB fp32).
 _U_CHUNK = 1 << 26
+# Values one Newton-Schulz call orthogonalizes at most (64 Mi: 128 MiB in fp16/bf16, e.g. four
+# 8192x2048 matrices): bounds the iteration's workspace whatever the batch.
+_NS_CALL_VALUES = 1 << 26
 
 
 def _bounded(items: Sequence[int], sizes: Sequence[int], cap: int) -> Iterator[list[int]]:

@@ -246,7 +246,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
     exchange = slowest["to_owners"] + slowest["to_holders"]
     ratio = exchange / max(ns) if max(ns) > 0 else float("nan")
     # The FLOP floor: the busiest rank's NS work at the measured matmul rate.
-    floor = max(r["ns_flops"] for r in ranks) / peak if peak > 0 else float("nan")
+    floor = max(r["ns_flops"] for r in ranks) / (peak * 1e12) if peak > 0 else float("nan")
     lines += [
         "",
         f"NS imbalance (max/mean): planned {opt.plan.imbalance():.3f}, measured {measured:.3f}",

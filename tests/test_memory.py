@@ -37,15 +37,15 @@ def _optimizer(dtype: torch.dtype = torch.float32, **options):
 
 
 # (options, bytes per Muon value of the batch buffer at world 1). In one process the batch
-# buffer is comm_dtype only when every matrix iterates in bf16, else fp32 (`_setup`).
+# buffer is comm_dtype when every matrix iterates in 16 bits, else fp32 (`_setup`).
 OPTIONS = [
     ({}, 2),
     ({"momentum_form": "sum"}, 2),
     ({"nesterov": False}, 2),
-    ({"ns_method": "gram"}, 2),
+    ({"ns_method": "standard"}, 2),
     ({"exchange_chunks": 2}, 2),
+    ({"ns_dtype": "bf16"}, 2),
     ({"ns_dtype": "fp32"}, 4),
-    ({"ns_dtype": "fp16"}, 4),
     ({"comm_dtype": "fp32"}, 4),
     ({"ns_dtype": "fp32", "comm_dtype": "fp32"}, 4),
 ]

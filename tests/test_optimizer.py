@@ -379,7 +379,8 @@ def test_batches_carry_their_options_and_view():
     assert opt.muon_params == (a, b, c)
     first, second = opt.exchange.batches
     assert first.options == ns_options(opt.param_groups[0]) == NSOptions(
-        schedule="jordan", steps=5, dtype=torch.bfloat16, eps=1e-7, scale="match_rms_adamw")
+        schedule="jordan", steps=5, dtype=torch.float16, eps=1e-7, scale="match_rms_adamw",
+        method="gram")
     assert second.options.schedule == ((3.0, -3.0, 1.0),) and second.options.steps == 3
     assert first.matrices == (0, 1) and first.view.shape == (2, 4, 8)
     assert second.matrices == (2,) and second.view.shape == (1, 4, 8)

@@ -15,11 +15,11 @@ import torch
 pytest.importorskip("megatron.core")
 
 from distributed_muon.integrations import megatron_optimizer as mo  # noqa: E402
+from distributed_muon.integrations.megatron_parity import MEGATRON_COEFFICIENTS  # noqa: E402
 from megatron.core import optimizer as core_optimizer  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from distributed_muon import DistributedMuon  # noqa: E402
-from distributed_muon.integrations.megatron_parity import MEGATRON_COEFFICIENTS  # noqa: E402
 
 
 def test_import_patches_get_megatron_optimizer_once():

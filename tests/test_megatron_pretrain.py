@@ -76,8 +76,10 @@ def test_run_reads_the_losses_and_reports_a_failure(tmp_path, monkeypatch):
 
 
 def test_curve_script_needs_the_folder(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "megatron_curve.py"
+    if not script.is_file():
+        pytest.skip("tests copied without scripts/")
     env = {k: v for k, v in os.environ.items() if k != mp.ENV}
-    done = subprocess.run([sys.executable, "scripts/megatron_curve.py", "--out", str(tmp_path)],
-                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "set $MEGATRON_LM" in done.stderr

@@ -210,3 +210,48 @@ def test_dmuon_step_equals_megatron_muon(megatron, steps):
         if name in adam_names:
             assert err < 1e-5, (name, err)
     assert bf16_gap <= 2 * bf16_noise + 1e-4
+
+
+@pytest.mark.parametrize("kind", ["quintic", "polar_express", "simple", "aol", "cans"])
+def test_newton_schulz_equals_emerging_optimizers(kind):
+    """Our Newton-Schulz with the schedule ``--muon-coefficient-type`` maps to, against the one
+    Megatron's Muon calls (emerging_optimizers), on a tall and a wide matrix: fp32 within
+    1e-5; bf16 (Megatron's ``medium``) within twice its own bf16-vs-fp32 distance."""
+    eo = pytest.importorskip("emerging_optimizers.orthogonalized_optimizers.muon_utils")
+    from distributed_muon.integrations import megatron_parity as parity
+
+    from distributed_muon.orthogonalize import orthogonalize
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    schedule = parity.ns_schedule(kind, 5)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for shape in ((96, 40), (40, 96)):
+            x = torch.randn(*shape, device="cuda", generator=gen)
+            torch.set_float32_matmul_precision("highest")
+            want32 = eo.newton_schulz(x, steps=5, coefficient_type=kind)
+            got32 = orthogonalize(x, schedule, 5, dtype="fp32")
+            assert float((got32 - want32).norm() / want32.norm()) < 1e-5
+            torch.set_float32_matmul_precision("medium")  # Megatron's bf16 iteration
+            want16 = eo.newton_schulz(x, steps=5, coefficient_type=kind)
+            torch.set_float32_matmul_precision("highest")
+            got16 = orthogonalize(x, schedule, 5, dtype="bf16").float()
+            noise = float((want16 - want32).norm() / want32.norm())
+            gap = float((got16 - want16).norm() / want32.norm())
+            print(f"\n{kind} {shape}: bf16 gap {gap:.2e}, Megatron's bf16 noise {noise:.2e}")
+            assert gap <= 2 * noise + 1e-4
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_spectral_scale_is_five_times_match_rms_adamw():
+    muon = pytest.importorskip("emerging_optimizers.orthogonalized_optimizers")
+    from distributed_muon.scale import shape_scale
+
+    for m, n in ((96, 40), (40, 96), (64, 64)):
+        want = muon.get_muon_scale_factor(m, n, mode="spectral")
+        assert 5 * shape_scale("match_rms_adamw", m, n) == pytest.approx(want, rel=1e-12)
+        assert shape_scale("original", m, n) == pytest.approx(
+            muon.get_muon_scale_factor(m, n, mode="shape_scaling"), rel=1e-12)
+        assert shape_scale("spectral", m, n) == pytest.approx(
+            muon.get_muon_scale_factor(m, n, mode="unit_rms_norm"), rel=1e-12)

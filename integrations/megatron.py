@@ -328,27 +328,48 @@ def megatron_param_groups(
     adamw_options: dict[str, Any] | None = None,
     **muon_options: Any,
 ) -> list[dict[str, Any]]:
-    """Param groups the way Megatron's Muon splits a model: 2-D weights (per-expert weights
-    included) -> Muon; embeddings, the output layer (``is_embedding_or_output_parameter``,
-    or the names `distributed_muon.params.is_embedding_or_head_name` knows), norms, biases
-    and names matching an ``adamw`` glob -> AdamW. ``split_qkv`` (Megatron's
+    """Param groups the way Megatron's Muon splits a model. A model that marks its word
+    embedding and output layer (``is_embedding_or_output_parameter``, as Megatron's language
+    models do) gets Megatron's rule: 2-D tensors without the mark -> Muon (a learned position
+    embedding and the MoE router included), the rest -> AdamW. An unmarked model: 2-D and
+    larger weights (per-expert weights included) -> Muon; embeddings and heads (by name, see
+    `distributed_muon.params.is_embedding_or_head_name`), norms and biases -> AdamW. Names
+    matching an ``adamw`` glob -> AdamW either way. ``split_qkv`` (Megatron's
     ``--muon-split-qkv``, on by default there too) orthogonalizes Q, K and V of every fused
     ``linear_qkv`` weight apart."""
+    from distributed_muon.integrations.megatron_parity import marks_embeddings, uses_muon
+
     chunks = [model] if isinstance(model, nn.Module) else list(model)
     if len(chunks) != 1:
         raise ValueError("megatron_param_groups takes one model chunk at a time; concatenate "
                          "the groups of each chunk (the sharding covers all of them)")
+    named = [(n, p) for n, p in chunks[0].named_parameters() if p.requires_grad]
+    if marks_embeddings(p for _, p in named):
+        return _marked_groups(named, sharding, split_qkv, tuple(adamw), adamw_options or {},
+                              muon_options, uses_muon)
     adamw = list(adamw)
     row_blocks = {}
-    for name, p in chunks[0].named_parameters():
-        if not p.requires_grad:
-            continue
-        if getattr(p, "is_embedding_or_output_parameter", False):
-            adamw.append(name)
-        elif split_qkv and (blocks := sharding.qkv_row_blocks(p)) is not None:
+    for name, p in named:
+        if split_qkv and (blocks := sharding.qkv_row_blocks(p)) is not None:
             row_blocks[name] = blocks
     return muon_param_groups(chunks[0], adamw=adamw, row_blocks=row_blocks,
                              adamw_options=adamw_options, **muon_options)
+
+
+def _marked_groups(named, sharding, split_qkv, adamw, adamw_options, muon_options, uses_muon):
+    """Megatron's rule (see `megatron_param_groups`): Muon groups by row blocks, then AdamW."""
+    groups: dict[Any, dict[str, Any]] = {}
+    for name, p in named:
+        if uses_muon(p, name, tuple(sharding.shape(p)), marked=True, adamw=adamw):
+            blocks = sharding.qkv_row_blocks(p) if split_qkv else None
+            key = ("muon", blocks)
+            options = {"use_muon": True, "row_blocks": blocks, **muon_options}
+        else:
+            key, options = ("adamw",), {"use_muon": False, **adamw_options}
+        group = groups.setdefault(key, {"params": [], "param_names": [], **options})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return sorted(groups.values(), key=lambda g: not g["use_muon"])
 
 
 def recognize(params, process_group):

@@ -149,3 +149,20 @@ def test_quintic_schedule_orthogonalizes_as_megatron_defines_it():
         want = a * want + (b * A + c * A @ A) @ want
     got = orthogonalize(x.float(), schedule, 5, dtype="fp32")
     assert torch.allclose(got.double(), want.mT, atol=2e-5)
+
+
+def test_megatron_param_groups_follow_the_same_rule(world):
+    """Your own loop (`megatron_param_groups`): the same Muon set as ``--optimizer dmuon``, the
+    fused QKV in its own group split as Megatron splits it."""
+    from distributed_muon.integrations.megatron import MegatronSharding, megatron_param_groups
+
+    model = _gpt()
+    sharding = MegatronSharding(model)
+    groups = megatron_param_groups(model, sharding, lr=0.02)
+    muon = {n for g in groups if g["use_muon"] for n in g["param_names"]}
+    assert muon == _muon_names(model)
+    qkv = next(g for g in groups if g.get("row_blocks"))
+    assert qkv["param_names"] == ["decoder.layers.0.self_attention.linear_qkv.weight"]
+    q = HEADS // GROUPS * CHANNELS
+    assert qkv["row_blocks"] == (GROUPS * q, GROUPS * CHANNELS, GROUPS * CHANNELS)
+    assert all(g["lr"] == 0.02 for g in groups if g["use_muon"])

@@ -79,10 +79,13 @@ class Model:
 
 def pretrain_args(optimizer: str, iters: int, model: Model = Model(), *, lr: float = 1e-3,
                   save: Path | None = None, load: Path | None = None, save_interval: int = 0,
-                  extra: Sequence[str] = ()) -> list[str]:
+                  exit_interval: int = 0, extra: Sequence[str] = ()) -> list[str]:
     """``pretrain_gpt.py`` arguments: ``model``, bf16, the distributed optimizer, a constant
-    learning rate after 2 warm-up steps (so the schedule does not depend on ``iters`` and a
-    resumed run continues the same one), no dropout, every iteration logged, no evaluation."""
+    learning rate after 2 warm-up steps, no dropout, every iteration logged, no evaluation.
+
+    ``exit_interval``: stop (after saving) at that iteration of an ``iters``-iteration run. A
+    run to resume from must be cut this way rather than by a smaller ``iters``: Megatron sizes
+    the mock dataset, and so the order of its samples, by ``iters``."""
     args = [
         *model.flags(), "--optimizer", optimizer, "--bf16", "--use-distributed-optimizer",
         "--train-iters", str(iters), "--lr", str(lr), "--lr-decay-style", "constant",
@@ -93,6 +96,8 @@ def pretrain_args(optimizer: str, iters: int, model: Model = Model(), *, lr: flo
     ]
     if save is not None:
         args += ["--save", str(save), "--save-interval", str(save_interval or iters)]
+    if exit_interval:
+        args += ["--exit-interval", str(exit_interval)]
     if load is not None:
         args += ["--load", str(load)]
     return [*args, *extra]

@@ -67,7 +67,11 @@ def test_adam_and_dmuon_both_train(megatron_lm, model, tmp_path):
 def test_dmuon_resume_repeats_the_logged_losses(megatron_lm, model, tmp_path):
     ckpt = tmp_path / "ckpt"
     whole = _run(megatron_lm, tmp_path, "whole", "dmuon", ITERS, model)
-    _run(megatron_lm, tmp_path, "first", "dmuon", SAVE_AT, model, save=ckpt)
+    # Cut at SAVE_AT of an ITERS run (the mock data's order depends on the run's length).
+    first = _run(megatron_lm, tmp_path, "first", "dmuon", ITERS, model, save=ckpt,
+                 save_interval=SAVE_AT, exit_interval=SAVE_AT)
+    assert sorted(first) == list(range(1, SAVE_AT + 1))
+    assert [first[i] for i in sorted(first)] == [whole[i] for i in sorted(first)]
     resumed = _run(megatron_lm, tmp_path, "resumed", "dmuon", ITERS, model, load=ckpt)
     assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1))
     # Same data, same RNG (saved in the checkpoint), optimizer state restored: the same run.

@@ -45,11 +45,12 @@ def test_losses_from_megatron_log():
 
 def test_flags_and_command(tmp_path):
     args = mp.pretrain_args("dmuon", 10, save=tmp_path / "c", save_interval=5,
-                            load=tmp_path / "c")
+                            exit_interval=5, load=tmp_path / "c")
     flags = dict(zip(args, [*args[1:], None], strict=True))
     assert flags["--optimizer"] == "dmuon" and flags["--train-iters"] == "10"
     assert flags["--save"] == flags["--load"] == str(tmp_path / "c")
-    assert flags["--save-interval"] == "5" and flags["--transformer-impl"] == "local"
+    assert flags["--save-interval"] == flags["--exit-interval"] == "5"
+    assert flags["--transformer-impl"] == "local"
     for flag in ("--mock-data", "--bf16", "--use-distributed-optimizer", "--no-persist-layer-norm",
                  "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
                  "--no-bias-gelu-fusion"):

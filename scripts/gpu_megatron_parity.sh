@@ -18,8 +18,10 @@ mkdir -p "$OUT"
 REPO=$PWD
 SITE=/tmp/site
 
+# Only the wheels this needs (.whl may hold others' wheels, e.g. DeepSpeed's dependencies).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || exit 1
+    --target "$SITE" .whl/megatron_core-0.19.2-*.whl .whl/emerging_optimizers-0.3.0-*.whl \
+    .whl/absl_py-*.whl .whl/distributed_muon-*.whl || exit 1
 # This checkout's code over the installed package (the wheel in .whl may be older): the same
 # layout the build makes (integrations/ and launch/ inside distributed_muon/).
 rm -rf "$SITE/distributed_muon"

@@ -44,12 +44,12 @@ cd /tmp || exit 1
 python3 /tmp/scripts/megatron_curve.py --out /tmp/curve > "$OUT/curve-stdout.txt" 2>&1 &
 CURVE=$!
 
-timeout 430 python3 -m pytest -q -s -p no:cacheprovider --basetemp=/tmp/pt \
+timeout "${PYTEST_TIMEOUT:-430}" python3 -m pytest -q -s -p no:cacheprovider --basetemp=/tmp/pt \
     /tmp/tests/test_gpu_megatron_parity.py /tmp/tests/test_gpu_pretrain_gpt.py \
     /tmp/tests/test_gpu_megatron.py > "$OUT/gpu-megatron-parity-tests.txt" 2>&1
 echo "pytest exit code: $?" >> "$OUT/gpu-megatron-parity-tests.txt"
 
-timeout 120 tail --pid=$CURVE -f /dev/null  # give the curve at most 2 more minutes
+timeout "${CURVE_EXTRA:-120}" tail --pid=$CURVE -f /dev/null  # give the curve at most 2 more minutes
 kill $CURVE 2>/dev/null && echo "curve stopped: out of time" >> "$OUT/curve-stdout.txt"
 wait $CURVE; echo "curve exit code: $?" >> "$OUT/curve-stdout.txt"
 cp /tmp/curve/megatron-pretrain-gpt-curve.md /tmp/curve/megatron-pretrain-gpt-curve.json \

@@ -24,7 +24,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
-from distributed_muon.optimizer import GROUP_OPTIONS, STRUCTURAL_OPTIONS, DistributedMuon
+from distributed_muon.optimizer import (
+    FORMER_DEFAULTS,
+    GROUP_OPTIONS,
+    STRUCTURAL_OPTIONS,
+    DistributedMuon,
+)
 from distributed_muon.options import dtype_name
 from distributed_muon.params import MatrixSpec
 
@@ -129,12 +134,13 @@ def load(opt: DistributedMuon, checkpoint_id: str, extra: dict[str, Any] | None 
         if isinstance(saved.get("ns_dtype"), torch.dtype):  # written before dtypes were strings
             saved["ns_dtype"] = dtype_name(saved["ns_dtype"])
         for key in STRUCTURAL_OPTIONS:
-            # Options added after a checkpoint was written have their default there.
-            saved.setdefault(key, GROUP_OPTIONS[key])
+            # Options added after a checkpoint was written had their default of then there.
+            saved.setdefault(key, FORMER_DEFAULTS.get(key, GROUP_OPTIONS[key]))
             if options[key] != saved[key]:
                 raise ValueError(
                     f"{checkpoint_id} was saved with {key}={saved[key]!r} in param group {gi}, "
                     f"this optimizer has {options[key]!r}: build it with the checkpoint's options"
+                    " (the Newton-Schulz defaults changed on 2026-12-05: docs/changelog.md)"
                 )
 
     saved_runs: dict[tuple[str, str], list[tuple[int, int]]] = {}

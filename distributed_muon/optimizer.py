@@ -94,6 +94,8 @@ def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_
 
 
 # The group options that make up a matrix's `NSOptions` (its batching key), by field.
+# Options a state dict saved before they existed ran with (not today's defaults).
+FORMER_DEFAULTS = {"ns_method": "standard"}
 NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_dtype",
                   "eps": "eps", "scale": "scale", "method": "ns_method"}
 # Options fixed at construction: they decide the layout (which parameters are matrices and
@@ -201,11 +203,12 @@ class DistributedMuon(Optimizer):
     # ---------------------------------------------------------------- setup
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A state dict saved before an option existed loads with the option's default.
+        # A state dict saved before an option existed loads with the option's default of
+        # then (`FORMER_DEFAULTS`), which is what the saved run computed with.
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in GROUP_OPTIONS.items():
-                group.setdefault(key, value)
+                group.setdefault(key, FORMER_DEFAULTS.get(key, value))
             if isinstance(group["ns_dtype"], torch.dtype):  # saved before dtypes were strings
                 group["ns_dtype"] = dtype_name(group["ns_dtype"])
 
@@ -382,6 +385,8 @@ class DistributedMuon(Optimizer):
         before = self.state, self.param_groups  # torch's load builds new ones of each
         try:
             super().load_state_dict(state_dict)
+            for gi, (group, old) in enumerate(zip(self.param_groups, before[1], strict=True)):
+                _check_saved_options(gi, group, old)
             for p, state in self.state.items():
                 local_shape = p.to_local().shape if isinstance(p, DTensor) else None
                 state.update({k: _local_state(v, p, k, local_shape) for k, v in state.items()})
@@ -658,6 +663,24 @@ def _bounded(items: Sequence[int], sizes: Sequence[int], cap: int) -> Iterator[l
         total += size
     if run:
         yield run
+
+
+def _check_saved_options(gi: int, group: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a loaded group whose structural options differ from the optimizer's: they decide
+    its layout and batching, so a step would fail later (or, for a state dict that predates
+    an option, silently change what the saved run computed)."""
+
+    def structure(g: dict[str, Any]) -> tuple:
+        blocks = tuple(g["row_blocks"]) if g["row_blocks"] else None
+        return ns_options(g), g["use_muon"], blocks, g["matrix_view"]
+
+    if structure(group) == structure(current):
+        return
+    key = next((k for k in STRUCTURAL_OPTIONS if group[k] != current[k]), "ns_schedule")
+    raise ValueError(
+        f"the state dict was saved with {key}={group[key]!r} in param group {gi}, this optimizer "
+        f"has {current[key]!r}: build it with the saved options (the Newton-Schulz defaults "
+        "changed on 2026-12-05: docs/changelog.md)")
 
 
 def _as_dtensor(value: Any, param: DTensor) -> Any:

@@ -74,6 +74,7 @@ class Model:
             # Megatron's local layers: its fused kernels need Transformer Engine or apex.
             "--transformer-impl", "local", "--no-persist-layer-norm",
             "--no-masked-softmax-fusion", "--no-bias-dropout-fusion", "--no-bias-gelu-fusion",
+            "--no-gradient-accumulation-fusion",  # its fused kernel needs APEX
         ]
 
 

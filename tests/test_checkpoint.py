@@ -115,23 +115,28 @@ def test_load_never_unpickles_code(tmp_path):
 
 
 def test_checkpoints_from_before_an_option_existed_load_with_its_default(tmp_path, monkeypatch):
-    """A checkpoint (or state dict) written before ``ns_method`` existed has no such key."""
+    """A checkpoint (or state dict) written before ``ns_method`` existed has no such key: it ran
+    the standard iteration, which an optimizer built alike loads; one built with today's
+    default (Gram) is refused in one line instead of silently computing another way."""
     ps = [torch.nn.Parameter(torch.randn(8, 16))]
-    opt = DistributedMuon(ps, lr=0.1)
+    opt = DistributedMuon(ps, lr=0.1, ns_method="standard")
     ps[0].grad = torch.randn(8, 16)
     opt.step()
     old_options = checkpoint._group_options
     monkeypatch.setattr(checkpoint, "_group_options", lambda o: [
         {k: v for k, v in g.items() if k != "ns_method"} for g in old_options(o)])
     checkpoint.save(opt, str(tmp_path / "ckpt"))
-    fresh = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1)
-    checkpoint.load(fresh, str(tmp_path / "ckpt"))
-    assert fresh.param_groups[0]["ns_method"] == "standard"
     sd = opt.state_dict()
     del sd["param_groups"][0]["ns_method"]
-    again = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1)
-    again.load_state_dict(sd)
-    assert again.param_groups[0]["ns_method"] == "standard"
-    for o in (fresh, again):
-        o.param_groups[0]["params"][0].grad = torch.randn(8, 16)
-        o.step()  # the batching key is rebuilt from the defaulted option
+    for load, source in ((checkpoint.load, str(tmp_path / "ckpt")),
+                         (lambda o, src: o.load_state_dict(src), sd)):
+        today = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1)
+        with pytest.raises(ValueError, match="ns_method='standard'.*has 'gram'"):
+            load(today, source)
+        assert today.param_groups[0]["ns_method"] == "gram" and not today.state
+        alike = DistributedMuon([torch.nn.Parameter(torch.zeros(8, 16))], lr=0.1,
+                                ns_method="standard")
+        load(alike, source)
+        assert alike.param_groups[0]["ns_method"] == "standard"
+        alike.param_groups[0]["params"][0].grad = torch.randn(8, 16)
+        alike.step()

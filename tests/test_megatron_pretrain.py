@@ -53,7 +53,7 @@ def test_flags_and_command(tmp_path):
     assert flags["--transformer-impl"] == "local"
     for flag in ("--mock-data", "--bf16", "--use-distributed-optimizer", "--no-persist-layer-norm",
                  "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
-                 "--no-bias-gelu-fusion"):
+                 "--no-bias-gelu-fusion", "--no-gradient-accumulation-fusion"):
         assert flag in args
     cmd = mp.command(tmp_path, args, python="python3")
     assert cmd[:8] == ["python3", "-m", "torch.distributed.run", "--standalone",

@@ -195,7 +195,9 @@ def test_optimizer_plans_on_a_table(tmp_path):
         schedule="jordan", steps=5, dtype=torch.float32, eps=1e-7, scale="match_rms_adamw"))
     table.save(tmp_path / "t.json")
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 32), (16, 16), (32, 8)]]
-    opt = DistributedMuon(params, ns_dtype="fp32", ns_cost=tmp_path / "t.json")
+    # The table prices the standard iteration (its NSOptions' method).
+    opt = DistributedMuon(params, ns_dtype="fp32", ns_method="standard",
+                          ns_cost=tmp_path / "t.json")
     assert opt.plan.cost == (table(8, 32, opt.layout.matrices[0].key),
                              table(16, 16, opt.layout.matrices[1].key),
                              table(32, 8, opt.layout.matrices[2].key))
@@ -203,7 +205,8 @@ def test_optimizer_plans_on_a_table(tmp_path):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    flops = DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_dtype="fp32")
+    flops = DistributedMuon([torch.nn.Parameter(torch.randn(8, 32))], ns_dtype="fp32",
+                            ns_method="standard")
     assert flops.plan.cost == (flop_cost(8, 32, flops.layout.matrices[0].key),)
     assert "NS GFLOP" in flops.plan_summary()
     with pytest.raises(ValueError, match="ns_cost=3 is not valid"):
@@ -222,7 +225,8 @@ def test_bench_plans_on_a_table(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "bench", "--shapes",
            "96x64,64x160", "--layers", "3", "--nproc", "2", "--steps", "1", "--warmup", "0",
-           "--ns-dtype", "fp32", "--device", "cpu", "--ns-cost", str(tmp_path / "t.json"),
+           "--ns-dtype", "fp32", "--ns-method", "standard", "--device", "cpu", "--ns-cost",
+           str(tmp_path / "t.json"),
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
@@ -246,6 +250,7 @@ def _deepspeed_worker(rank, world, table_path):
     _init_env(rank, world)
     cfg = _config(2, world)
     cfg["optimizer"]["params"]["ns_cost"] = table_path
+    cfg["optimizer"]["params"]["ns_method"] = "standard"  # what the table prices
     model = _model()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=cfg)

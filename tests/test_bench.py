@@ -14,7 +14,8 @@ def test_bench_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "distributed_muon.launch.cli", "bench", "--shapes",
            "96x64,64x160,3x32x32", "--layers", "2", "--nproc", "2", "--steps", "2",
-           "--warmup", "1", "--ns-dtype", "fp32", "--ns-method", "standard", "--device", "cpu", "--exchange-chunks", "2",
+           "--warmup", "1", "--ns-dtype", "fp32", "--ns-method", "standard", "--device", "cpu",
+           "--exchange-chunks", "2",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

@@ -93,9 +93,9 @@ def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_
                      f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {list(wide)}")
 
 
-# The group options that make up a matrix's `NSOptions` (its batching key), by field.
 # Options a state dict saved before they existed ran with (not today's defaults).
 FORMER_DEFAULTS = {"ns_method": "standard"}
+# The group options that make up a matrix's `NSOptions` (its batching key), by field.
 NS_OPTION_KEYS = {"schedule": "ns_schedule", "steps": "ns_steps", "dtype": "ns_dtype",
                   "eps": "eps", "scale": "scale", "method": "ns_method"}
 # Options fixed at construction: they decide the layout (which parameters are matrices and

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from recipes import launch, write_recipe
+from recipes import HARD_EXIT, launch, write_recipe
 
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
@@ -84,7 +84,7 @@ def test_accelerate_fsdp2_resumes_exactly(tmp_path):
     write_recipe(tmp_path, "accelerate_fsdp2.py", {
         "accelerator = Accelerator(fsdp_plugin=plugin)\n": _FORCE_FSDP,
         _PREPARE: _CHECK_SHARDED,
-        "    opt.zero_grad()\n": _CHECK_OPTIMIZER})
+        "    opt.zero_grad()\n": _CHECK_OPTIMIZER}, append=HARD_EXIT)  # gloo teardown abort
     straight = _losses(launch(tmp_path, "accelerate_fsdp2.py").stdout)
     resumed = _losses(launch(tmp_path, "accelerate_fsdp2.py", "--resume").stdout)
     assert sorted(straight) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]

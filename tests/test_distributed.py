@@ -101,8 +101,9 @@ def _train_worker(rank, world, layout, poison_rank=None):
     out = {}
     for precision in ("fp32", "bf16"):
         ps = [make(t) for t in params]
+        # The standard iteration, as the reference's (Gram amplifies fp32 rounding).
         opt = DistributedMuon(_groups(ps), lr=LR, weight_decay=WD, ns_dtype=precision,
-                              comm_dtype=precision)
+                              comm_dtype=precision, ns_method="standard")
         for step, g in enumerate(grads):
             for p, gi in zip(ps, g):
                 p.grad = None if gi is None else make_grad(gi)
@@ -128,7 +129,7 @@ def single_process(params, grads, precision="fp32"):
     """The same optimizer in this process: the world-size-1 result distribution must match."""
     ps = [torch.nn.Parameter(t.clone()) for t in params]
     opt = DistributedMuon(_groups(ps), lr=LR, weight_decay=WD, ns_dtype=precision,
-                          comm_dtype=precision)
+                          comm_dtype=precision, ns_method="standard")
     for g in grads:
         for p, gi in zip(ps, g):
             p.grad = gi

@@ -190,7 +190,7 @@ def _few_matrices_worker(rank, world):
     full = torch.randn(5, 7, generator=gen)  # 5 rows over 4 ranks: 2, 2, 1, 0
     g = torch.randn(5, 7, generator=gen)
     p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
-    opt = DistributedMuon([p], lr=LR, ns_dtype="fp32", comm_dtype="fp32")
+    opt = DistributedMuon([p], lr=LR, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     p.grad = distribute_tensor(g, mesh, [Shard(0)])
     opt.step()
     return {"param": p.full_tensor(), "local_rows": p.to_local().shape[0], "ns": opt.ns_matrices,

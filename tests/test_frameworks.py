@@ -25,7 +25,7 @@ def _data(world: int, accum: int):
 
 def _optimizer(model):
     return DistributedMuon(model.named_parameters(), lr=0.05, weight_decay=0.1,
-                           ns_dtype="fp32", comm_dtype="fp32")
+                           ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
 
 
 def _worker(rank, world, wrapper, accum):

@@ -19,7 +19,7 @@ def test_cuda_step_matches_cpu():
     expected = single_process(params, grads)
     ps = [torch.nn.Parameter(t.clone().cuda()) for t in params]
     opt = DistributedMuon(_groups(ps), lr=0.02, weight_decay=0.1, ns_dtype="fp32",
-                          comm_dtype="fp32")
+                          ns_method="standard", comm_dtype="fp32")
     for g in grads:
         for p, gi in zip(ps, g):
             p.grad = None if gi is None else gi.cuda()
@@ -37,7 +37,7 @@ def _nccl_worker(rank, world, chunks=1):
     mesh = init_device_mesh("cuda", (world,))
     ps = [torch.nn.Parameter(distribute_tensor(t.cuda(), mesh, [Shard(0)])) for t in params]
     opt = DistributedMuon(_groups(ps), lr=0.02, weight_decay=0.1, ns_dtype="fp32",
-                          comm_dtype="fp32", exchange_chunks=chunks)
+                          ns_method="standard", comm_dtype="fp32", exchange_chunks=chunks)
     for g in grads:
         for p, gi in zip(ps, g):
             p.grad = None if gi is None else distribute_tensor(gi.cuda(), mesh, [Shard(0)])

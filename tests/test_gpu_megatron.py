@@ -154,8 +154,10 @@ def _reference(start: dict[str, torch.Tensor], config):
             group.update(lr=LR, weight_decay=0.0 if p.ndim == 1 or name.endswith(".bias")
                          else WD)
         groups.append(group)
+    # The adapter's Newton-Schulz under Megatron's defaults: standard, bf16 ("medium").
     opt = DistributedMuon(groups, momentum=0.95, nesterov=False, adamw_betas=(0.9, 0.999),
-                          adamw_eps=1e-8, ns_schedule=MEGATRON_COEFFICIENTS["quintic"])
+                          adamw_eps=1e-8, ns_schedule=MEGATRON_COEFFICIENTS["quintic"],
+                          ns_method="standard", ns_dtype="bf16")
 
     def step(grads):
         for name, p in params.items():

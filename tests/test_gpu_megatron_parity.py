@@ -19,7 +19,7 @@ Tolerances, from the Newton-Schulz precision:
   (its bf16 exchange). The bound is Megatron's own bf16 error: dmuon's distance to Megatron's
   bf16 step is at most twice Megatron's bf16 step's distance to its fp32 step (two independent
   roundings of equal size differ by about sqrt(2) of one).
-- The AdamW part (embeddings, norms, biases) and the grad norm: fp32 math, 1e-5.
+- The AdamW part (embeddings, output layer, norms) and the grad norm: fp32 math, 1e-5.
 
 Also checked: exactly the same parameters get Muon (Megatron's rule: 2-D and not marked as
 embedding or output layer, so the position embedding and the router do).
@@ -78,7 +78,9 @@ def _model():
         num_layers=2, hidden_size=HIDDEN, ffn_hidden_size=128, num_attention_heads=HEADS,
         num_query_groups=GROUPS, num_moe_experts=EXPERTS, moe_router_topk=2,
         moe_ffn_hidden_size=96, moe_grouped_gemm=False, moe_aux_loss_coeff=0.0,
-        add_bias_linear=True, bf16=True, hidden_dropout=0.0, attention_dropout=0.0,
+        # No linear biases: megatron-core 0.19's local-spec expert MLP adds its bias in place to
+        # a custom Function's view output, which autograd refuses (mlp.py:354).
+        add_bias_linear=False, bf16=True, hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
     gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,

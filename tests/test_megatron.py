@@ -179,7 +179,7 @@ def _worker(rank, world):
                 p.copy_(shard(name, params[name], coords))
         sharding = MegatronSharding(model)
         groups = megatron_param_groups(model, sharding)
-        opt = DistributedMuon(groups, lr=LR, weight_decay=WD, ns_dtype="fp32",
+        opt = DistributedMuon(groups, lr=LR, weight_decay=WD, ns_dtype="fp32", ns_method="standard",
                               comm_dtype="fp32", sharding=sharding)
         adamw = sorted(n for g in groups if not g["use_muon"] for n in g["param_names"])
         regions = {}
@@ -227,7 +227,7 @@ def flat_shard_optimizer(groups, sharding, name_of, dp):
     from distributed_muon.integrations.megatron_optimizer import MegatronMuon
 
     opt = MegatronMuon(groups, sharding, lr=LR, weight_decay=WD, ns_dtype="fp32",
-                       comm_dtype="fp32")
+                       ns_method="standard", comm_dtype="fp32")
     flat = [p for g in opt.param_groups for p in g["params"]]
     ranges = dict(zip(map(id, flat), _flat_ranges(flat, dist.get_world_size(dp),
                                                    dist.get_rank(dp))))
@@ -288,7 +288,7 @@ def single_process(params, grads):
         {"params": [ps[n] for n in muon]},
         {"params": [ps["linear_qkv.weight"]], "row_blocks": tuple(GROUPS * r for r in QKV)},
         {"params": [ps[n] for n in order if n in ADAMW], "use_muon": False},
-    ], lr=LR, weight_decay=WD, ns_dtype="fp32", comm_dtype="fp32")
+    ], lr=LR, weight_decay=WD, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     for g in grads:
         for n in order:
             ps[n].grad = grouped(g[n]) if n == "linear_qkv.weight" else g[n].clone()

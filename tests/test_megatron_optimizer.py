@@ -129,7 +129,7 @@ def test_whole_3d_parameter_is_described_in_the_cores_view(tmp_path):
         plain = torch.nn.Parameter(start.clone())
         grad = torch.randn(4, 6, 5)
         group = dist.group.WORLD
-        opts = dict(lr=0.1, ns_dtype="fp32", comm_dtype="fp32")
+        opts = dict(lr=0.1, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
         a = DistributedMuon([module.experts], sharding=MegatronSharding(
             module, group=group, tp_group=group), **opts)
         b = DistributedMuon([plain], **opts)

@@ -67,7 +67,7 @@ def single_process(stage):
     opt = DistributedMuon([
         {"params": [p for p in ps.values() if p.ndim == 2]},
         {"params": [p for p in ps.values() if p.ndim == 1], "use_muon": False},
-    ], lr=LR, weight_decay=WD, ns_dtype="fp32", comm_dtype="fp32")
+    ], lr=LR, weight_decay=WD, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     for g in grads:
         for n, p in ps.items():
             p.grad = g[n].clone()

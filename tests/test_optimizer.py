@@ -82,7 +82,7 @@ def test_experts_equal_separate_matrices():
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(4, 16, 24, generator=gen)
     grads = [[torch.randn(4, 16, 24, generator=gen)] for _ in range(5)]
-    opts = dict(lr=0.02, weight_decay=0.1, ns_dtype="fp32", comm_dtype="fp32")
+    opts = dict(lr=0.02, weight_decay=0.1, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     (stacked,), _ = run(lambda ps: DistributedMuon(ps, **opts), [w], grads)
     separate, _ = run(lambda ps: DistributedMuon(ps, **opts), list(w.unbind(0)),
                       [list(g[0].unbind(0)) for g in grads])
@@ -94,7 +94,7 @@ def test_row_blocks_equal_separate_matrices():
     blocks = (32, 8, 8)  # fused q, k, v
     w = torch.randn(48, 32, generator=gen)
     grads = [[torch.randn(48, 32, generator=gen)] for _ in range(5)]
-    opts = dict(lr=0.02, ns_dtype="fp32", comm_dtype="fp32")
+    opts = dict(lr=0.02, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     (fused,), _ = run(lambda ps: DistributedMuon([{"params": ps, "row_blocks": blocks}], **opts),
                       [w], grads)
     separate, _ = run(lambda ps: DistributedMuon(ps, **opts), list(w.split(blocks)),
@@ -107,7 +107,7 @@ def test_conv_weight_is_viewed_as_out_by_rest():
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(16, 4, 3, 3, generator=gen)
     grads = [[torch.randn(16, 4, 3, 3, generator=gen)] for _ in range(3)]
-    opts = dict(lr=0.02, ns_dtype="fp32", comm_dtype="fp32")
+    opts = dict(lr=0.02, ns_dtype="fp32", ns_method="standard", comm_dtype="fp32")
     (conv,), _ = run(lambda ps: DistributedMuon(ps, **opts), [w], grads)
     (flat,), _ = run(lambda ps: DistributedMuon(ps, **opts), [w.reshape(16, 36)],
                      [[g[0].reshape(16, 36)] for g in grads])
@@ -164,7 +164,8 @@ def test_lr_scheduler_drives_muon_and_adamw():
 
     def train(with_scheduler):
         ps = [p.clone() for p in params]
-        opt = DistributedMuon(ps, lr=0.02, adamw_lr=1e-3, ns_dtype="fp32", comm_dtype="fp32")
+        opt = DistributedMuon(ps, lr=0.02, adamw_lr=1e-3, ns_dtype="fp32", ns_method="standard",
+                              comm_dtype="fp32")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t) if with_scheduler \
             else None
         deltas = []

@@ -264,7 +264,8 @@ def test_one_process_fp32_newton_schulz_is_fp32_whatever_comm_dtype():
     results = []
     for comm in ("bf16", "fp32"):
         ps = [p.clone().requires_grad_() for p in params]
-        opt = DistributedMuon(ps, lr=0.02, weight_decay=0.1, ns_dtype="fp32", comm_dtype=comm)
+        opt = DistributedMuon(ps, lr=0.02, weight_decay=0.1, ns_dtype="fp32", ns_method="standard",
+                              comm_dtype=comm)
         for step in grads:
             for p, g in zip(ps, step):
                 p.grad = g.clone()

@@ -24,13 +24,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
+from distributed_muon.dtypes import dtype_name
 from distributed_muon.optimizer import (
     FORMER_DEFAULTS,
     GROUP_OPTIONS,
     STRUCTURAL_OPTIONS,
     DistributedMuon,
 )
-from distributed_muon.options import dtype_name
 from distributed_muon.params import MatrixSpec
 
 _PREFIX = "dmuon/"

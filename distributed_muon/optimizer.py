@@ -27,17 +27,10 @@ from torch.optim import Optimizer
 
 from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
 from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
+from distributed_muon.dtypes import NS_DTYPES, DTypeLike, dtype_name, parse_dtype
 from distributed_muon.exchange import Batch, Exchange, check_chunks, count_once
 from distributed_muon.layout import ShardLayout
-from distributed_muon.options import (
-    MOMENTUM_FORMS,
-    NS_DTYPES,
-    DTypeLike,
-    check_choice,
-    check_range,
-    dtype_name,
-    parse_dtype,
-)
+from distributed_muon.options import MOMENTUM_FORMS, check_choice, check_range
 from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
 from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan

@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from distributed_muon.options import NS_DTYPES, DTypeLike, parse_dtype
+from distributed_muon.dtypes import NS_DTYPES, DTypeLike, parse_dtype
 
 logger = logging.getLogger(__name__)
 

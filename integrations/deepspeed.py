@@ -43,6 +43,7 @@ from distributed_muon.integrations.replicated import ReplicatedSharding
 from torch.optim import Optimizer
 
 from distributed_muon.cost import resolve_ns_cost
+from distributed_muon.dtypes import DTypeLike, parse_dtype
 from distributed_muon.exchange import check_chunks
 from distributed_muon.heads import attention_row_blocks, refine
 from distributed_muon.layout import Region
@@ -53,7 +54,6 @@ from distributed_muon.optimizer import (
     unknown_options_error,
     validate_group,
 )
-from distributed_muon.options import DTypeLike, parse_dtype
 from distributed_muon.params import MatrixSpec, default_use_muon
 from distributed_muon.plan import STRATEGIES
 from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows

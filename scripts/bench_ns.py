@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 
 from distributed_muon.cost import CostTable, measure, time_call
-from distributed_muon.options import NS_DTYPES, parse_dtype
+from distributed_muon.dtypes import NS_DTYPES, parse_dtype
 from distributed_muon.orthogonalize import (
     GRAM_RESTART,
     GRAM_RESTART_FP16,

@@ -156,7 +156,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "group", _schedule, str, tuple(SCHEDULES)),
     Option("ns_steps", 5, "Newton-Schulz iterations", "group", _integer(1, 100), int),
     Option("ns_dtype", "fp16", "dtype of the Newton-Schulz iteration: bf16, fp16, fp32 or fp64",
-           "group", _ns_dtype, str),
+           "group", _ns_dtype, str, ("bf16", "fp16", "fp32", "fp64")),
     # Chosen by measurement: docs/muon.md, "Default Newton-Schulz".
     Option("ns_method", "gram", "Newton-Schulz iteration: standard or gram", "group",
            _one_of(NS_METHODS), str, NS_METHODS),
@@ -174,7 +174,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("matrix_view", "experts", "how a >2-D parameter is seen as matrices", "group_only",
            _one_of(MATRIX_VIEWS), str, MATRIX_VIEWS),
     Option("comm_dtype", "bf16", "dtype of the gradient/update exchange: bf16 or fp32",
-           "optimizer", _comm_dtype, str),
+           "optimizer", _comm_dtype, str, ("bf16", "fp32", "fp64")),
     Option("plan", "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin",
            "optimizer", _one_of(STRATEGIES), str, STRATEGIES),
     Option("process_group", None, "the data-parallel group (default: the world)", "optimizer"),

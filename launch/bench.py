@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
-from distributed_muon.launch.flags import option
+from distributed_muon.launch.flags import check_optimizer_options, optimizer_option, option
 from distributed_muon.launch.local import (
     end_process_group,
     env_world_size,
@@ -30,10 +30,10 @@ from distributed_muon.launch.local import (
     spawn,
 )
 
-from distributed_muon.cost import CostTable, flop_cost
+from distributed_muon.cost import flop_cost
+from distributed_muon.dtypes import NS_DTYPES, parse_dtype
 from distributed_muon.optimizer import PHASES, DistributedMuon
-from distributed_muon.orthogonalize import NS_METHODS
-from distributed_muon.plan import STRATEGIES
+from distributed_muon.options import OPTIONS
 
 # A d=2048, 16-layer transformer's matrices as [out, in]: qkv, proj, fc1, fc2 (~0.8B values).
 DEFAULT_SHAPES = "6144x2048,2048x2048,8192x2048,2048x8192"
@@ -55,18 +55,15 @@ class BenchConfig:
     steps: int = option(10, "timed steps")
     warmup: int = option(3, "untimed steps first")
     device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
-    ns_dtype: str | None = option(
-        None, "Newton-Schulz compute dtype (default the optimizer's, fp16, on GPUs; fp32 on "
-        "CPUs, whose half-precision matmuls are slow)")
-    ns_method: str = option("gram", "Newton-Schulz method", choices=NS_METHODS)
-    comm_dtype: str = option("bf16", "exchange dtype")
-    plan: str = option("lpt", "owner strategy", choices=STRATEGIES)
-    ns_cost: str | None = option(
-        None, "plan on this measured NS cost table (written by scripts/bench_ns.py "
-        "--cost-table) instead of NS FLOPs")
-    exchange_chunks: int = option(
-        1, "pipeline the exchange with Newton-Schulz in this many chunks (1: one all-to-all "
-        "each way)")
+    ns_dtype: str | None = optimizer_option(
+        "ns_dtype", default=None, why="CPUs' half-precision matmuls are slow",
+        note="default the optimizer's on GPUs, fp32 on CPUs")
+    ns_method: str = optimizer_option("ns_method")
+    comm_dtype: str = optimizer_option("comm_dtype")
+    plan: str = optimizer_option("plan")
+    ns_cost: str | None = optimizer_option(
+        "ns_cost", note="written by scripts/bench_ns.py --cost-table")
+    exchange_chunks: int = optimizer_option("exchange_chunks")
     json: str | None = option(None, "also write the results as JSON to this file")
 
     def resolved(self) -> BenchConfig:
@@ -76,17 +73,14 @@ class BenchConfig:
                              f"{self.warmup}: need --nproc >= 1, --steps >= 1, --warmup >= 0")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"--layers {self.layers}: must be at least 1")
-        if self.exchange_chunks < 1:
-            raise ValueError(f"--exchange-chunks {self.exchange_chunks}: must be at least 1")
+        check_optimizer_options(self)  # a bad cost table is one line here, not a traceback
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
         cuda = torch.cuda.is_available() and self.device != "cpu"
         shapes = self.shapes or (DEFAULT_SHAPES if cuda else CPU_SHAPES)
         parse_shapes(shapes)
         layers = self.layers or (DEFAULT_LAYERS if cuda else CPU_LAYERS)
-        ns_dtype = self.ns_dtype or ("fp16" if cuda else "fp32")
-        if self.ns_cost is not None:
-            CostTable.load(self.ns_cost)  # a bad file is one line here, not a rank's traceback
+        ns_dtype = self.ns_dtype or (OPTIONS["ns_dtype"].default if cuda else "fp32")
         return replace(self, shapes=shapes, layers=layers, ns_dtype=ns_dtype)
 
 
@@ -115,9 +109,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
         a @ b
     _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flop_rate_unit(tflops: float) -> tuple[float, str]:
@@ -164,7 +155,7 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
     # The peak of the dtype NS runs in (a CPU's bf16 matmuls are far below its fp32 ones).
-    peak = matmul_tflops(device, _DTYPES.get(cfg.ns_dtype, torch.bfloat16))
+    peak = matmul_tflops(device, parse_dtype(cfg.ns_dtype, "ns_dtype", NS_DTYPES))
 
     per_step: list[dict[str, float]] = []
     cuda_memory: dict[str, int] | None = None

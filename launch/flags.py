@@ -2,7 +2,9 @@
 
 A field becomes ``--its-name`` with the field's default, its ``help`` and ``choices`` from
 `option` metadata; ``bool`` fields with default False become switches. Fields declared with
-``flag=False`` (nested configs, values set by the launcher) get no flag.
+``flag=False`` (nested configs, values set by the launcher) get no flag. A field for an
+optimizer option is declared with `optimizer_option`: its help, choices and default come from
+`distributed_muon.options.OPTIONS`, and `check_optimizer_options` checks it by that table.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import dataclasses
 import typing
 from typing import Any
 
+from distributed_muon.options import OPTIONS
+
+_TABLE = object()  # "as distributed_muon.options.OPTIONS has it"
+
 
 def option(default: Any, help: str, *, choices: tuple | None = None,
            flag: bool = True) -> Any:
@@ -19,6 +25,34 @@ def option(default: Any, help: str, *, choices: tuple | None = None,
     for immutable values only)."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def optimizer_option(name: str, *, default: Any = _TABLE, why: str = "", note: str = "") -> Any:
+    """A field for the optimizer option ``name`` (`distributed_muon.options.OPTIONS`). A
+    ``default`` of its own needs ``why`` (tests/test_options.py holds surfaces to the table);
+    ``note`` is appended to the table's help."""
+    spec = OPTIONS[name]
+    if default is not _TABLE and not why:
+        raise ValueError(f"{name}: a default other than the options table's needs its reason")
+    text = spec.help + (f"; {note}" if note else "")
+    return dataclasses.field(
+        default=spec.default if default is _TABLE else default,
+        metadata={"help": text, "choices": spec.choices, "flag": True, "option": name,
+                  "why": why})
+
+
+def check_optimizer_options(config: Any) -> None:
+    """Check every `optimizer_option` field of ``config`` that is set by the options table;
+    the error names the flag."""
+    for f in dataclasses.fields(config):
+        name, value = f.metadata.get("option"), getattr(config, f.name)
+        if name is None or value is None:
+            continue
+        try:
+            OPTIONS[name].check(name, value)
+        except ValueError as err:
+            reason = str(err).split(" is not valid: ", 1)[-1]
+            raise ValueError(f"--{f.name.replace('_', '-')} {value}: {reason}") from None
 
 
 def _base_type(annotation: Any) -> type:

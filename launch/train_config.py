@@ -10,19 +10,19 @@ from pathlib import Path
 
 import torch
 from distributed_muon.launch.backends import BACKENDS
-from distributed_muon.launch.flags import option
+from distributed_muon.launch.flags import check_optimizer_options, optimizer_option, option
 from distributed_muon.launch.local import env_world_size, launched_externally, leads_job
 from distributed_muon.launch.metrics_log import read_metrics
 from distributed_muon.launch.run_checkpoint import CheckpointInfo, find_resume_checkpoint
 from distributed_muon.launch.run_folder import check_new_run, move_previous_run
 from distributed_muon.launch.tiny_moe import ModelConfig
 
-from distributed_muon.orthogonalize import NS_METHODS
-
 OPTIMIZERS = ("muon", "adamw")
 # Chosen by the same sweep for both optimizers (scripts/compare_optimizers.py, docs/train.md):
 # best validation loss over lr in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} at the default budget, seed 0.
 DEFAULT_LR = {"muon": 1e-2, "adamw": 1e-3}
+# Fields named like optimizer options that are the training recipe's, for either optimizer.
+RECIPE_FIELDS = ("lr", "weight_decay")
 
 
 @dataclass
@@ -45,16 +45,18 @@ class TrainConfig:
     device: str = option("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
     zero_stage: int | None = option(None, "ZeRO stage for --backend deepspeed (default 2)",
                                     choices=(0, 1, 2, 3))
-    qk_clip: float | None = option(None, "QK-clip threshold tau on max attention logits "
-                                   "(muon only; inf: log the max logit, never clip)")
-    per_head: bool = option(False, "Newton-Schulz per attention head: Q, K, V rows split "
-                            "into one matrix per head (muon only)")
-    diagnostics_every: int = option(10, "log Muon's per-matrix diagnostics and the gradient "
-                                    "noise scale every N steps (0: off)")
-    ns_method: str | None = option(None, "Newton-Schulz method (default: the optimizer's, "
-                                   "gram)", choices=NS_METHODS)
-    ns_dtype: str | None = option(None, "Newton-Schulz compute dtype (default: fp16 on GPUs, "
-                                  "fp32 on CPUs)", choices=("bf16", "fp16", "fp32"))
+    qk_clip: float | None = optimizer_option(
+        "qk_clip_tau", note="muon only; inf: log the max logit, never clip")
+    per_head: bool = optimizer_option("per_head", note="muon only")
+    diagnostics_every: int = optimizer_option(
+        "diagnostics_every", default=10, why="a training run logs what it measures",
+        note="with the gradient noise scale")
+    ns_method: str | None = optimizer_option(
+        "ns_method", default=None, why="unset means the optimizer's; set, it is refused with "
+        "adamw", note="default the optimizer's")
+    ns_dtype: str | None = optimizer_option(
+        "ns_dtype", default=None, why="CPUs' half-precision matmuls are slow",
+        note="default the optimizer's on GPUs, fp32 on CPUs")
     model: ModelConfig = field(default_factory=ModelConfig)
     # Set by `prepare`: the checkpoint folder a --resume starts from.
     resume_from: str | None = option(None, "", flag=False)
@@ -86,6 +88,7 @@ class TrainConfig:
         if self.compare and self.resume:
             raise ValueError("--compare cannot --resume: resume each run in --out/muon and "
                              "--out/adamw on its own")
+        check_optimizer_options(self)
         if self.qk_clip is not None:
             if not self.qk_clip > 0:
                 raise ValueError(f"--qk-clip {self.qk_clip}: must be a positive number")

@@ -1,5 +1,5 @@
-"""A model on a cluster, described from metadata alone: the region tables every rank would
-report to `ShardLayout.gather`, for any world size, with no process group and no tensors.
+"""A model on a cluster, described from metadata alone: the framework-free vocabulary of
+`dmuon plan` (no process group, no tensors).
 
 `ModelParam` is what a planner knows of a parameter (name, global shape, layer, whether it
 is a routed-expert tensor, its tensor-parallel split). `ParallelLayout` names a sharding:
@@ -13,17 +13,12 @@ is a routed-expert tensor, its tensor-parallel split). `ParallelLayout` names a 
 - ``megatron``: tensor parallel (column-parallel rows, row-parallel columns), each
   data-parallel copy a replica, the exchange over the stage's TP x DP ranks;
 - ``megatron_do``: the same with Megatron's distributed optimizer: each TP rank's parameters,
-  in one buffer in reverse order (one bucket: no ``--overlap-grad-reduce``), cut into one even
-  range per data-parallel rank; one replica over TP x DP (a parameter without TP split: one
-  per TP rank).
+  in one buffer in reverse order, cut into one even range per data-parallel rank.
 
-Expert parallelism (``ep``): FSDP2/HSDP as torchtitan shards routed experts (experts split
-over the ``ep`` innermost ranks, then ``Shard(0)`` over experts, or ``Shard(1)`` over rows
-when a rank group has fewer local experts than ranks); Megatron with expert-TP 1 (each
-expert whole on one EP rank, one replica per expert-data-parallel copy); ZeRO with
-DeepSpeed's MoE groups (local experts partitioned over the expert-data-parallel group).
-Pipeline parallelism (``pp``): layers split evenly over stages; each stage has its own
-optimizer and exchange group, stages run at the same time.
+A `Unit` is one optimizer's exchange group with every rank's region table. The tables
+themselves come from each framework's rule, next to its adapter
+(``distributed_muon.integrations.*_regions``); ``distributed_muon.launch.layouts.units``
+picks the rule for a layout.
 
 Ranks are numbered as torchrun and Megatron number them: pipeline stage outermost, then
 replicas, then shards, tensor (and expert) parallel innermost, so that the innermost groups
@@ -33,16 +28,21 @@ share a node.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from distributed_muon.layout import ShardLayout
+from distributed_muon.layout import Block, Region, ShardLayout
 from distributed_muon.params import MatrixSpec
 
 LAYOUTS = ("ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3", "megatron", "megatron_do")
 TP_SPLITS = (None, "col", "row")
+
+# A region without its rank and replica: (row0, row1, col0, col1, start, stop, offset), the
+# last seven `REGION_COLUMNS` (a flat range [start, stop) of a block of the [E*m, n] view,
+# stored from offset in local storage).
+Rect = tuple[int, int, int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -148,24 +148,30 @@ class Unit:
         return self.layouts[rank]
 
 
-def chunk(size: int, parts: int, index: int) -> tuple[int, int]:
-    """``[start, stop)`` of chunk ``index`` when ``torch.chunk`` splits ``size`` in ``parts``
-    (FSDP2's ``Shard`` rule; `distributed_muon.integrations.fsdp2` uses it too)."""
-    step = -(-size // parts)
-    return min(index * step, size), min((index + 1) * step, size)
+def flat_rect(spec: MatrixSpec, start: int, stop: int, offset: int = 0) -> Rect:
+    """A flat range ``[start, stop)`` of the whole ``[E*m, n]`` view of ``spec``'s parameter."""
+    return (0, spec.experts * spec.rows, 0, spec.cols, start, stop, offset)
 
 
-def _rows(rows: list[tuple[int, ...]]) -> np.ndarray:
+def region(rank: int, replica: int, rect: Rect) -> Region:
+    """``rect`` held by ``rank`` as part of ``replica``, as the `Region` an adapter reports."""
+    row0, row1, col0, col1, start, stop, offset = rect
+    return Region(rank=rank, replica=replica, offset=offset,
+                  block=Block(row0=row0, row1=row1, col0=col0, col1=col1, start=start, stop=stop))
+
+
+def table(rows: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """``[len(rows), 9]`` int64 region table from ``(rank, replica, *rect)`` rows."""
     return np.array(rows, dtype=np.int64).reshape(-1, 9)
 
 
-def _flat(rank: int, replica: int, spec: MatrixSpec, start: int, stop: int,
-          offset: int = 0) -> tuple[int, ...]:
-    return (rank, replica, 0, spec.experts * spec.rows, 0, spec.cols, start, stop, offset)
-
-
-def _spec(p: ModelParam) -> MatrixSpec:
+def spec_of(p: ModelParam) -> MatrixSpec:
+    """``p``'s logical matrices, as its param group would give them."""
     return MatrixSpec.of(p.shape, p.row_blocks, name=p.name)
+
+
+def numel(p: ModelParam) -> int:
+    return math.prod(p.shape)
 
 
 def stages(params: Sequence[ModelParam], pp: int) -> list[list[ModelParam]]:
@@ -182,213 +188,9 @@ def _chunk_even(size: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (index < extra)
 
 
-def units(params: Sequence[ModelParam], layout: ParallelLayout) -> list[Unit]:
-    """The exchange groups ``layout`` gives ``params``, with every rank's regions."""
-    layout.check(params)
-    build: Callable[[list[ModelParam], ParallelLayout, int], list[Unit]] = {
-        "ddp": _data_parallel, "fsdp2": _data_parallel, "hsdp": _data_parallel,
-        "zero1": _zero, "zero2": _zero, "zero3": _zero, "megatron": _megatron,
-        "megatron_do": _megatron,
-    }[layout.kind]
-    out = []
-    for s, stage_params in enumerate(stages(params, layout.pp)):
-        out.extend(build(stage_params, layout, s))
-    return out
-
-
-def _group(layout: ParallelLayout, stage: int, size: int | None = None,
-           stride: int = 1) -> np.ndarray:
+def group_ranks(layout: ParallelLayout, stage: int, size: int | None = None,
+                stride: int = 1) -> np.ndarray:
+    """Global ranks of an exchange group of pipeline stage ``stage``: ``size`` ranks (default:
+    the whole stage) ``stride`` apart from the stage's first."""
     base = stage * layout.stage_size
     return base + stride * np.arange(size if size is not None else layout.stage_size)
-
-
-def _data_parallel(params: list[ModelParam], layout: ParallelLayout, stage: int) -> list[Unit]:
-    """DDP, FSDP2 and HSDP (torchtitan's expert sharding under ``ep``)."""
-    world = layout.stage_size
-    replicas = layout.replicate if layout.kind == "hsdp" else 1
-    shard = world // replicas
-    specs = [_spec(p) for p in params]
-    tables = []
-    done: dict[tuple, np.ndarray] = {}  # parameters of one shape share one (read-only) table
-    for p, spec in zip(params, specs, strict=True):
-        key = (spec, p.expert)
-        if key in done:
-            tables.append(done[key])
-            continue
-        rows = []
-        for r in range(world):
-            replica, idx = divmod(r, shard)
-            if layout.kind == "ddp":
-                rows.append(_flat(r, r, spec, 0, spec.experts * spec.rows * spec.cols))
-            elif p.expert and layout.ep > 1:
-                rows.extend(_ep_expert_rows(r, replica, idx, spec, layout.ep, shard))
-            else:
-                lo, hi = chunk(spec.shape[0], shard, idx)
-                inner = spec.experts * spec.rows * spec.cols // spec.shape[0]
-                if hi > lo:
-                    rows.append(_flat(r, replica, spec, lo * inner, hi * inner))
-        done[key] = _rows(rows)
-        tables.append(done[key])
-    return [Unit(f"stage {stage}", stage, [p.name for p in params], specs, tables,
-                 _group(layout, stage))]
-
-
-def _ep_expert_rows(rank: int, replica: int, idx: int, spec: MatrixSpec, ep: int,
-                    shard: int) -> list[tuple[int, ...]]:
-    """torchtitan: experts split over the ``ep`` innermost ranks of the shard group, then
-    FSDP over the other ``shard / ep`` ranks: ``Shard(0)`` over the local experts, or
-    ``Shard(1)`` (rows of every local expert) when there are fewer local experts than ranks."""
-    e_rank, f_rank = idx % ep, idx // ep
-    fsdp = shard // ep
-    local = spec.experts // ep
-    first = e_rank * local
-    m, n = spec.rows, spec.cols
-    if local >= fsdp:
-        lo, hi = chunk(local, fsdp, f_rank)
-        if hi <= lo:
-            return []
-        return [_flat(rank, replica, spec, (first + lo) * m * n, (first + hi) * m * n)]
-    lo, hi = chunk(m, fsdp, f_rank)
-    if hi <= lo:
-        return []
-    per = (hi - lo) * n
-    return [(rank, replica, (first + j) * m + lo, (first + j) * m + hi, 0, n, 0, per, j * per)
-            for j in range(local)]
-
-
-def _zero(params: list[ModelParam], layout: ParallelLayout, stage: int) -> list[Unit]:
-    """DeepSpeed ZeRO-1/2 (one flat partition of the group) and ZeRO-3 (each parameter split
-    evenly, in sub-groups). With ``ep``: expert tensors hold the rank's local experts and are
-    partitioned over the expert-data-parallel group (``dp / ep`` ranks, stride ``ep``)."""
-    dp = layout.stage_size
-    dense = [p for p in params if not (p.expert and layout.ep > 1)]
-    experts = [ModelParam(p.name, (p.shape[0] // layout.ep, *p.shape[1:]), p.layer, True, p.tp)
-               for p in params if p.expert and layout.ep > 1]
-    out = []
-    for label, group, size, stride, copies in (
-            ("", dense, dp, 1, 1),
-            (" experts", experts, dp // layout.ep, layout.ep, layout.ep)):
-        if not group:
-            continue
-        ranks = _group(layout, stage, size, stride)
-        if layout.kind == "zero3":
-            for i, sub in enumerate(_sub_groups(group, layout.sub_group_size)):
-                out.append(_zero_unit(f"stage {stage}{label} sub-group {i}", stage, sub, ranks,
-                                      copies, even=True))
-        else:
-            out.append(_zero_unit(f"stage {stage}{label}", stage, group, ranks, copies,
-                                  even=False))
-    return out
-
-
-def _sub_groups(params: list[ModelParam], limit: int) -> list[list[ModelParam]]:
-    """DeepSpeed ZeRO-3 sub-groups: parameters in order, a new sub-group once ``limit``
-    values are reached."""
-    out: list[list[ModelParam]] = [[]]
-    total = 0
-    for p in params:
-        if total >= limit:
-            out.append([])
-            total = 0
-        out[-1].append(p)
-        total += math.prod(p.shape)
-    return out
-
-
-def _zero_unit(name: str, stage: int, params: list[ModelParam], ranks: np.ndarray,
-               copies: int, *, even: bool) -> Unit:
-    """One DeepSpeed optimizer unit over ``ranks``; copy ``c`` (expert groups) is on
-    ``ranks + c``."""
-    world = len(ranks)
-    specs = [_spec(p) for p in params]
-    numels = [math.prod(p.shape) for p in params]
-    tables = []
-    if even:  # ZeRO-3: parameter padded to world * part, rank r holds [r*part, (r+1)*part)
-        for spec, numel in zip(specs, numels, strict=True):
-            part = -(-numel // world)
-            tables.append(_rows([_flat(r, 0, spec, r * part, min((r + 1) * part, numel))
-                                 for r in range(world) if r * part < numel]))
-    else:  # ZeRO-1/2: the concatenation, padded, cut into one even range per rank
-        part = -(-sum(numels) // world)
-        base = 0
-        for spec, numel in zip(specs, numels, strict=True):
-            rows = []
-            for r in range(base // part, min(world, -(-(base + numel) // part))):
-                lo, hi = max(r * part, base), min((r + 1) * part, base + numel)
-                if lo < hi:
-                    rows.append(_flat(r, 0, spec, lo - base, hi - base))
-            tables.append(_rows(rows))
-            base += numel
-    return Unit(name, stage, [p.name for p in params], specs, tables, ranks, copies, 1)
-
-
-def _megatron(params: list[ModelParam], layout: ParallelLayout, stage: int) -> list[Unit]:
-    """Megatron TP (each data-parallel copy a replica, named by its lowest rank) and EP with
-    expert-TP 1: expert ``j`` of every EP rank is one ``[ep, m, n]`` parameter (as
-    `MegatronSharding` sees SequentialMLP / TEGroupedMLP weights), EP rank ``e`` holding rows
-    ``[e*m, (e+1)*m)``."""
-    world, tp, ep = layout.stage_size, layout.tp, layout.ep
-    specs, names, tables, experts, split = [], [], [], [], []
-    for p in params:
-        if p.expert:
-            m, n = p.shape[1:]
-            local = p.shape[0] // ep
-            for j in range(local):
-                spec = MatrixSpec.of((ep, m, n), name=p.name)
-                rows = []
-                for r in range(world):
-                    e_rank, edp = r % ep, r // ep
-                    rows.append((r, edp * ep, e_rank * m, (e_rank + 1) * m, 0, n, 0, m * n, 0))
-                specs.append(spec)
-                names.append(f"{p.name}[{j}::{local}]")
-                tables.append(_rows(rows))
-                experts.append(True)
-                split.append(True)
-            continue
-        spec = _spec(p)
-        rows_, cols = spec.experts * spec.rows, spec.cols
-        rows = []
-        for r in range(world):
-            t_rank = r % tp
-            if p.tp is None or tp == 1:
-                rows.append(_flat(r, r, spec, 0, rows_ * cols))  # a copy per rank
-                continue
-            replica = r - t_rank  # the lowest rank of this TP group
-            if p.tp == "col":
-                h = rows_ // tp
-                rows.append((r, replica, t_rank * h, (t_rank + 1) * h, 0, cols, 0, h * cols, 0))
-            else:
-                w = cols // tp
-                rows.append((r, replica, 0, rows_, t_rank * w, (t_rank + 1) * w, 0, rows_ * w, 0))
-        specs.append(spec)
-        names.append(p.name)
-        tables.append(_rows(rows))
-        experts.append(False)
-        split.append(p.tp is not None and tp > 1)
-    if layout.kind == "megatron_do":
-        tables = _distributed_optimizer(tables, experts, split, world, tp, ep)
-    return [Unit(f"stage {stage}", stage, names, specs, tables, _group(layout, stage))]
-
-
-def _distributed_optimizer(tables: list[np.ndarray], experts: list[bool], split: list[bool],
-                           world: int, tp: int, ep: int) -> list[np.ndarray]:
-    """Cut each rank's TP-local region (one per rank and parameter) to its distributed-optimizer
-    range: the dense parameters' buffer over the DP ranks (``rank // tp``), the experts' over the
-    expert-DP ranks (``rank // ep``), parameters in reverse order, one even range per rank."""
-    out = list(tables)
-    for is_expert, size, stride in ((False, world // tp, tp), (True, world // ep, ep)):
-        group = [i for i, e in enumerate(experts) if e == is_expert]
-        numels = {i: int(tables[i][0, 7] - tables[i][0, 6]) for i in group}
-        part = -(-sum(numels.values()) // size) if group else 0
-        base = 0
-        for i in reversed(group):
-            t = tables[i].copy()
-            dp = t[:, 0] // stride
-            lo = np.maximum(base, dp * part) - base
-            hi = np.minimum(base + numels[i], (dp + 1) * part) - base
-            t[:, 6], t[:, 7], t[:, 8] = lo, hi, 0
-            # One copy over TP x DP; a parameter whole on every TP rank: a copy per TP rank.
-            t[:, 1] = 0 if split[i] else t[:, 0] % tp
-            out[i] = t[lo < hi]
-            base += numels[i]
-    return out

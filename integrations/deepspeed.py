@@ -40,8 +40,10 @@ from distributed_muon.integrations.deepspeed_internals import (
     zero0_group,
 )
 from distributed_muon.integrations.replicated import ReplicatedSharding
+from distributed_muon.integrations.zero_regions import fragment_rect
 from torch.optim import Optimizer
 
+from distributed_muon.cluster import region
 from distributed_muon.cost import resolve_ns_cost
 from distributed_muon.dtypes import DTypeLike, parse_dtype
 from distributed_muon.exchange import check_chunks
@@ -95,9 +97,7 @@ class FlatSharding:
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
         if param not in self.fragments:
             return []
-        start, length, _ = self.fragments[param]
-        return [Region.flat(rank=self.rank, replica=0, spec=spec, start=start,
-                            stop=start + length)]
+        return [region(self.rank, 0, fragment_rect(spec, self.fragments[param]))]
 
 
 @dataclass

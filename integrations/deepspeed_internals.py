@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-# (global start, length, offset in the flat tensor) of one parameter's values on this rank.
-Fragment = tuple[int, int, int]
+from distributed_muon.integrations.zero_regions import Fragment, zero3_range
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +96,7 @@ def zero3_partition(flat: torch.Tensor, group_params: list[torch.Tensor]) -> Par
     fragments: dict[torch.Tensor, Fragment] = {}
     for p in z3.fp16_groups[sub]:
         _, offset, part = z3.grad_position[z3.get_param_id(p)]
-        start, stop = _zero3_range(rank, part, p.ds_numel)
+        start, stop = zero3_range(rank, part, p.ds_numel)
         if start < stop:
             fragments[p] = (start, stop - start, offset)
     shapes = {p: logical_shape(p) for p in z3.fp16_groups[sub]}
@@ -139,15 +137,9 @@ def write_low_precision(param: torch.Tensor, full: torch.Tensor) -> None:
         return
     part = param.ds_tensor.numel()
     rank = dist.get_rank(z3._get_param_partition_group(param))
-    start, stop = _zero3_range(rank, part, param.ds_numel)
+    start, stop = zero3_range(rank, part, param.ds_numel)
     if start < stop:
         param.ds_tensor.data.narrow(0, 0, stop - start).copy_(full.narrow(0, start, stop - start))
-
-
-def _zero3_range(rank: int, part: int, numel: int) -> tuple[int, int]:
-    """ZeRO-3 pads a parameter of ``numel`` values to ``world * part`` and gives rank ``r``
-    values ``[r * part, (r + 1) * part)``: the real ones of them (empty past the end)."""
-    return rank * part, min((rank + 1) * part, numel)
 
 
 def _several(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

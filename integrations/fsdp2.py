@@ -10,15 +10,16 @@ plain (non-DTensor) parameters among them are replicated over the same group.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations.fsdp2_regions import chunk_range, shard_rects
+from distributed_muon.integrations.replicated import whole_rect
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from distributed_muon.cluster import chunk as _chunk  # the one torch.chunk rule (dmuon plan too)
-from distributed_muon.layout import Block, Region
+from distributed_muon.cluster import region
+from distributed_muon.layout import Region
 from distributed_muon.params import MatrixSpec
 
 
@@ -95,9 +96,10 @@ class DTensorSharding:
         return g.to_local() if isinstance(g, DTensor) else g
 
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
+        """The rules of `fsdp2_regions` (what `dmuon plan` predicts), at this rank's mesh
+        coordinates; the local shard's shape is checked against them."""
         if not isinstance(param, DTensor):  # replicated over the whole group
-            return [Region.flat(rank=self.rank, replica=self.rank, spec=spec, start=0,
-                                stop=param.numel())]
+            return [region(self.rank, self.rank, whole_rect(spec))]
         replica, shard = 0, None
         for dim, placement in enumerate(param.placements):
             size, coord = self.mesh.size(dim), self.coords[dim]
@@ -105,38 +107,20 @@ class DTensorSharding:
                 replica = replica * size + coord
             else:
                 shard = (placement.dim, size, coord)
-        local_shape = tuple(param.to_local().shape)
         if shard is None:
-            return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=0,
-                                stop=param.numel())]
+            return [region(self.rank, replica, whole_rect(spec))]
         dim, parts, index = shard
-        start, stop = _chunk(param.shape[dim], parts, index)
+        start, stop = chunk_range(param.shape[dim], parts, index)
         expected = list(param.shape)
         expected[dim] = stop - start
+        local_shape = tuple(param.to_local().shape)
         if tuple(expected) != local_shape:
             raise ValueError(
                 f"local shard {local_shape} of a {tuple(param.shape)} parameter is not the "
                 f"torch.chunk shard {tuple(expected)} DistributedMuon expects"
             )
-        if dim == 0:
-            inner = math.prod(param.shape[1:])
-            return [Region.flat(rank=self.rank, replica=replica, spec=spec, start=start * inner,
-                                stop=stop * inner)]
-        if param.ndim == 2:  # a column block [start, stop) of the whole matrix
-            block = Block(row0=0, row1=spec.rows, col0=start, col1=stop, start=0,
-                          stop=spec.rows * (stop - start))
-            return [Region(rank=self.rank, replica=replica, block=block)]
-        if spec.experts != param.shape[0]:
-            raise ValueError("Shard(1) of a 3-D parameter needs matrix_view='experts'")
-        # [E, m, n] with Shard(1): rows [start, stop) of every expert, experts back to back.
-        n = param.shape[2]
-        per_expert = (stop - start) * n
-        return [
-            Region(rank=self.rank, replica=replica, offset=e * per_expert,
-                   block=Block(row0=e * spec.rows + start, row1=e * spec.rows + stop, col0=0,
-                               col1=n, start=0, stop=per_expert))
-            for e in range(param.shape[0])
-        ]
+        return [region(self.rank, replica, r)
+                for r in shard_rects(tuple(param.shape), spec, dim, start, stop)]
 
 
 def recognize(

@@ -12,9 +12,16 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from distributed_muon.cluster import Rect, flat_rect, region
 from distributed_muon.layout import Region
 from distributed_muon.params import MatrixSpec
 from distributed_muon.sharding import PRIORITY_FALLBACK
+
+
+def whole_rect(spec: MatrixSpec) -> Rect:
+    """The region of a rank holding the whole parameter of ``spec`` (its own replica), as
+    `ReplicatedSharding` reports it and `dmuon plan` predicts it."""
+    return flat_rect(spec, 0, spec.experts * spec.rows * spec.cols)
 
 
 class ReplicatedSharding:
@@ -37,8 +44,7 @@ class ReplicatedSharding:
         return param.grad
 
     def regions(self, param: torch.Tensor, spec: MatrixSpec) -> list[Region]:
-        return [Region.flat(rank=self.rank, replica=self.rank, spec=spec, start=0,
-                            stop=param.numel())]
+        return [region(self.rank, self.rank, whole_rect(spec))]
 
 
 def recognize(

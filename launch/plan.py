@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+from distributed_muon.launch.layouts import units
 
-from distributed_muon.cluster import LAYOUTS, ModelParam, ParallelLayout, Unit, units
+from distributed_muon.cluster import LAYOUTS, ModelParam, ParallelLayout, Unit
 from distributed_muon.layout import P_MATRIX, P_RANK, P_REPLICA, P_START, P_STOP, ShardLayout
 from distributed_muon.params import MatrixSpec
 from distributed_muon.plan import OwnershipPlan, ns_flops, pinned_holders

@@ -36,9 +36,10 @@ import tracemalloc
 
 import numpy as np
 import torch
+from distributed_muon.launch.layouts import units
 from distributed_muon.launch.model_configs import load_model
 
-from distributed_muon.cluster import ParallelLayout, units
+from distributed_muon.cluster import ParallelLayout
 from distributed_muon.exchange import Exchange
 from distributed_muon.layout import ShardLayout, params_digest
 from distributed_muon.plan import OwnershipPlan, ns_flops

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_muon.launch.cli import main
+from distributed_muon.launch.layouts import units
 from distributed_muon.launch.model_configs import PRESETS, load_model, params_from_config
 from distributed_muon.launch.plan import (
     Hardware,
@@ -17,7 +18,7 @@ from distributed_muon.launch.plan import (
     run_plan,
 )
 
-from distributed_muon.cluster import LAYOUTS, ModelParam, ParallelLayout, units
+from distributed_muon.cluster import LAYOUTS, ModelParam, ParallelLayout
 from distributed_muon.plan import OwnershipPlan, ns_flops
 from tests.multiproc import run_ranks
 

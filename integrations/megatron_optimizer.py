@@ -13,20 +13,26 @@ driven by Megatron's scheduler); it steps one `DistributedMuon` over the *model*
 the whole pipeline stage, whose local storage (`_MainSharding`) is this rank's main param or
 main shard. Every rank thus describes the same matrices, and each is orthogonalized once across
 TP x DP.
+
+This module holds `MegatronMuon` and the translation of Megatron's flags; what it needs of
+Megatron's private structures (param groups, wrappers, shard map, patches) is in
+`megatron_internals`, the model-space checkpoint format in `megatron_checkpoint`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations import megatron_internals as internals
 from distributed_muon.integrations import megatron_parity as parity
 from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
+from distributed_muon.integrations.megatron_checkpoint import (
+    model_space_checkpoints as _model_space_checkpoints,
+)
 from torch import nn
 from torch.optim import Optimizer
 
@@ -113,7 +119,7 @@ def _restrict(region: Region, start: int, stop: int, replica: int) -> Region | N
 class MegatronMuon(Optimizer):
     """The torch optimizer Megatron's wrappers hold for ``--optimizer dmuon``.
 
-    ``param_groups`` are Megatron's (from its ``_get_param_groups``), of model params until the
+    ``param_groups`` are Megatron's (`megatron_internals.param_groups`), of model params until the
     wrapper swaps in its main params; `bind` then builds the `DistributedMuon` that steps them.
     ``options`` are `DistributedMuon` group options; ``scale_factor`` multiplies Muon updates
     (Megatron's ``--muon-extra-scale-factor`` and spectral mode): applied as ``lr * f`` with
@@ -339,26 +345,15 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
     different groups), each a `MegatronMuon` inside Megatron's ``DistributedOptimizer``
     (``config.use_distributed_optimizer``), ``Float16OptimizerWithFloat16Params`` (bf16) or
     ``FP32Optimizer``, chained like Megatron's own."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import (
-        ChainedOptimizer,
-        Float16OptimizerWithFloat16Params,
-        FP32Optimizer,
-        _get_param_groups,
-        get_standard_config_overrides,
-    )
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer import ChainedOptimizer
 
     check_supported(config)
     options = dmuon_options(config)
-    if config_overrides is None:
-        config_overrides = get_standard_config_overrides(config)
     sharding = MegatronSharding(model_chunks)
     options["marked"] = parity.marks_embeddings(p for c in model_chunks for p in c.parameters())
-    groups = _get_param_groups(model_chunks, config, config_overrides)
+    groups = internals.param_groups(model_chunks, config, config_overrides)
     distributed = bool(config.use_distributed_optimizer)
-    if distributed and getattr(model_chunks[0].ddp_config,
-                               "num_distributed_optimizer_instances", 1) != 1:
+    if distributed and internals.optimizer_instances(model_chunks) != 1:
         raise ValueError("--num-distributed-optimizer-instances > 1 is not supported with "
                          "--optimizer dmuon")
     wrappers = []
@@ -367,134 +362,25 @@ def get_dmuon_optimizer(config: Any, model_chunks: list[nn.Module],
         if not mine:
             continue
         inner = MegatronMuon(mine, sharding, **options)
-        init = _init_state_fn
         if distributed:
-            dp = (ps.get_expert_data_parallel_group() if expert
-                  else ps.get_data_parallel_group(with_context_parallel=True))
-            buffers = {i: getattr(chunk, "expert_parallel_buffers" if expert else "buffers")
-                       for i, chunk in enumerate(model_chunks)}
-            wrapper = DistributedOptimizer(
-                inner, config, None, init, model_chunks=model_chunks,
-                per_model_buffers=buffers, data_parallel_group=dp,
-                data_parallel_group_gloo=None,
-                data_parallel_group_idx=dist.get_rank(ps.get_model_parallel_group()),
-                distributed_optimizer_instance_id=0)
-            inner.bind(_distributed_mains(wrapper, inner), dp)
+            wrapper, dp = internals.distributed_wrapper(inner, config, model_chunks, expert,
+                                                        _init_state_fn)
+            shards = internals.main_shards(wrapper)
+            inner.bind([[shards.get(id(p), (None, None)) for p in params]
+                        for params in inner.model_params], dp)
             _model_space_checkpoints(wrapper, inner, dp)
-            stats = dp
         else:
-            cls = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
-            args = (inner, config, None, init) if config.bf16 else (inner, config, init)
-            wrapper = cls(*args)
-            inner.bind(_copied_mains(inner), None)
-            stats = (ps.get_expert_tensor_model_pipeline_parallel_group() if expert
-                     else ps.get_model_parallel_group())
-        wrapper.grad_stats_parallel_group = stats
-        wrapper.tp_group = ps.get_tensor_model_parallel_group()
+            wrapper = internals.local_wrapper(inner, config, expert, _init_state_fn)
+            # Group g's i-th param is now the main copy of model param i (the same tensor
+            # for fp32 params).
+            inner.bind([[(main, None) for main in g["params"]] for g in inner.param_groups],
+                       None)
         wrappers.append(wrapper)
     return ChainedOptimizer(wrappers)
 
 
-def _model_space_checkpoints(wrapper: Any, inner: MegatronMuon,
-                             dp_group: dist.ProcessGroup) -> None:
-    """Checkpoints of the distributed-optimizer wrapper in model space (``torch_dist``).
-
-    Megatron's distributed-optimizer formats assume Adam's state on every parameter; ours
-    differs (a Muon matrix keeps a momentum buffer only). Here each parameter's fp32 main value
-    and state are saved as tensors shaped and sharded like the parameter itself (its entry in
-    the model's sharded state dict), so a checkpoint loads at another data-parallel size. The
-    data-parallel shards of a parameter are assembled with one all-reduce per parameter (at
-    save, and every rank holds one parameter's full TP-local state at a time; at load, the
-    full TP-local state of every parameter, briefly). Param groups and the step are common."""
-
-    names: dict[int, list[str]] = {}  # id(model param) -> entry of each state row
-
-    def sharded_state_dict(model_sharded_state_dict: Any, is_loading: bool = False,
-                           **_: Any) -> dict[str, Any]:
-        from dataclasses import replace
-
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-        from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
-
-        inner.init_state()
-        tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
-        by_param = {id(sh.data): sh for sh in nested_values(tensors)}
-        mine = {id(model): (main, span) for model, main, span in inner.main_shards()}
-        device = next(iter(mine.values()))[0].device if mine else torch.device("cuda")
-        names.clear()
-        state: dict[str, Any] = {}
-        for index, (model, keys) in enumerate(inner.state_keys()):  # same order on DP ranks
-            sh = by_param.get(id(model))
-            if sh is None:
-                raise ValueError("a parameter of the optimizer is missing from the model's "
-                                 "sharded state dict: build it with keep_vars=True")
-            full = torch.zeros(len(keys), model.numel(), device=device)
-            if not is_loading:
-                if id(model) in mine:
-                    main, (start, stop) = mine[id(model)]
-                    full[:, start:stop] = torch.stack(
-                        [main, *(inner.state[main][k] for k in keys[1:])])
-                dist.all_reduce(full, group=dp_group)  # the DP ranges are disjoint
-            names[id(model)] = []
-            for row, key in zip(full, keys, strict=True):
-                # Layers stacked under one model key differ by offset: index the dict entry.
-                fields = dict(key=f"optimizer.state.{key}.{sh.key}", data=row.view(model.shape))
-                if not isinstance(sh, ShardedTensorFactory):
-                    fields["dtype"] = row.dtype
-                state[f"{index}.{key}"] = replace(sh, **fields)
-                names[id(model)].append(f"{index}.{key}")
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
-        return {"param_state": state, "param_groups": groups, "step": inner.steps}
-
-    @torch.no_grad()  # a main shard of an fp32 parameter is a view of the parameter itself
-    def load_state_dict(state_dict: dict[str, Any]) -> None:
-        loaded = state_dict["param_state"]
-        keys = {id(p): k for p, k in inner.state_keys()}
-        for model, main, (start, stop) in inner.main_shards():
-            for key, name in zip(keys[id(model)], names[id(model)], strict=True):
-                target = main if key == "fp32_param" else inner.state[main][key]
-                target.copy_(loaded[name].reshape(-1)[start:stop])
-        for group, saved in zip(inner.param_groups, state_dict["param_groups"], strict=True):
-            group.update(saved)
-        inner.set_steps(int(state_dict["step"]))
-
-    def refuse(*_: Any, **__: Any) -> Any:
-        raise NotImplementedError(
-            "--optimizer dmuon with --use-distributed-optimizer saves checkpoints in the "
-            "torch_dist format only (--ckpt-format torch_dist): Megatron's other "
-            "distributed-optimizer formats hold Adam state (docs/megatron.md)")
-
-    wrapper.sharded_state_dict = sharded_state_dict
-    wrapper.load_state_dict = load_state_dict
-    for name in ("state_dict", "save_parameter_state", "load_parameter_state"):
-        setattr(wrapper, name, refuse)
-
-
 def _init_state_fn(opt: MegatronMuon, config: Any = None) -> None:
     opt.init_state()
-
-
-def _copied_mains(inner: MegatronMuon) -> list[list[tuple[torch.Tensor, None]]]:
-    """Float16/FP32 wrappers: group ``g``'s i-th param is now the main copy of model param i
-    (the same tensor for fp32 params)."""
-    return [[(main, None) for main in g["params"]] for g in inner.param_groups]
-
-
-def _distributed_mains(wrapper: Any, inner: MegatronMuon) -> list[list[tuple[Any, Any]]]:
-    """Megatron's distributed optimizer: each model param's main shard on this rank and its
-    flat range in the param's local storage (its private range map: the one place read)."""
-    shards = {}
-    for models, mains in ((wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups),
-                          (wrapper.model_fp32_groups, wrapper.shard_fp32_groups)):
-        for mg, sg in zip(models, mains, strict=True):
-            for model, main in zip(mg, sg, strict=True):
-                span = wrapper._get_model_param_range_map(model)["param"]
-                shards[id(model)] = (main, (span.start, span.end))
-    return [[shards.get(id(p), (None, None)) for p in params] for params in inner.model_params]
-
-
-# ---------------------------------------------------------------------------- registration
 
 
 def _megatron_version() -> str | None:
@@ -510,12 +396,12 @@ def _in_range(version: str) -> bool:
     return version in SpecifierSet(SUPPORTED)
 
 
+# ---------------------------------------------------------------------------- registration
+
+
 def add_dmuon_arguments(parser: Any) -> Any:
     """Add ``dmuon`` to Megatron's ``--optimizer`` and the ``--dmuon-*`` flags."""
-    for action in parser._actions:
-        if "--optimizer" in action.option_strings and action.choices is not None:
-            if "dmuon" not in action.choices:
-                action.choices = [*action.choices, "dmuon"]
+    internals.add_optimizer_choice(parser, "dmuon")
     group = parser.add_argument_group("distributed_muon", "--optimizer dmuon only")
     for name, (kind, default, text) in FLAGS.items():
         group.add_argument(f"--dmuon-{name.replace('_', '-')}", type=kind, default=default,
@@ -523,97 +409,29 @@ def add_dmuon_arguments(parser: Any) -> Any:
     return parser
 
 
+def _build_from_training_args(config: Any, model_chunks: Any, **kwargs: Any) -> Any:
+    """`get_dmuon_optimizer`, with the ``--dmuon-*`` flags of Megatron-LM's parsed arguments
+    (which ``OptimizerConfig`` lacks) copied onto ``config`` first."""
+    training_args = internals.training_args()
+    if training_args is not None:
+        for name in FLAGS:
+            setattr(config, f"dmuon_{name}", getattr(training_args, f"dmuon_{name}",
+                                                     FLAGS[name][1]))
+    return get_dmuon_optimizer(config, model_chunks, **kwargs)
+
+
 def _patched_get_optimizer(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def get_megatron_optimizer(config: Any, model_chunks: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(config, "optimizer", None) != "dmuon":
-            return original(config, model_chunks, *args, **kwargs)
-        training_args = _training_args()
-        if training_args is not None:  # the --dmuon-* flags, which OptimizerConfig lacks
-            for name in FLAGS:
-                setattr(config, f"dmuon_{name}", getattr(training_args, f"dmuon_{name}",
-                                                         FLAGS[name][1]))
-        names = ("config_overrides", "use_gloo_process_groups", "pg_collection")
-        kwargs.update(zip(names, args, strict=False))
-        return get_dmuon_optimizer(config, model_chunks, **kwargs)
-
-    get_megatron_optimizer.dmuon = True
-    return get_megatron_optimizer
-
-
-def _patched_emerging(original: Callable) -> Callable:
-    """megatron-core >= 0.19 sends every optimizer but adam/sgd to its emerging-optimizer
-    builder: route dmuon from there too, for a ``get_megatron_optimizer`` bound (``from ...
-    import``) before this module patched it."""
-
-    @functools.wraps(original)
-    def build(*args: Any, **kwargs: Any) -> Any:
-        config = kwargs["config"] if "config" in kwargs else args[0]
-        if getattr(config, "optimizer", None) != "dmuon":
-            return original(*args, **kwargs)
-        names = ("config", "model_chunks", "config_overrides", "pg_collection")
-        kwargs.update(zip(names, args, strict=False))
-        import megatron.core.optimizer as core_optimizer
-
-        return core_optimizer.get_megatron_optimizer(**kwargs)
-
-    build.dmuon = True
-    return build
-
-
-def _training_args() -> Any:
-    module = sys.modules.get("megatron.training.global_vars")
-    if module is None:
-        return None
-    try:
-        return module.get_args()
-    except AssertionError:  # Megatron's "args is not initialized"
-        return None
-
-
-def _patched_validate_args(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def validate_args(args: Any, *rest: Any, **kwargs: Any) -> Any:
-        # Megatron turns --use-distributed-optimizer into its layer-wise optimizer for any
-        # optimizer but adam/sgd; dmuon uses the flat distributed optimizer as adam does.
-        if getattr(args, "optimizer", None) != "dmuon":
-            return original(args, *rest, **kwargs)
-        args.optimizer = "adam"
-        try:
-            return original(args, *rest, **kwargs)
-        finally:
-            args.optimizer = "dmuon"
-
-    validate_args.dmuon = True
-    return validate_args
+    """``original`` (a ``get_megatron_optimizer``), building DistributedMuon for dmuon."""
+    return internals.route_dmuon(original, _build_from_training_args)
 
 
 def register() -> None:
     """Patch Megatron (idempotent): ``get_megatron_optimizer`` where it is bound, and with
-    ``megatron.training`` the argument parser and its validation."""
-    import megatron.core.optimizer as core_optimizer
-
-    for module in (core_optimizer, sys.modules.get("megatron.training.training")):
-        fn = getattr(module, "get_megatron_optimizer", None)
-        if fn is not None and not getattr(fn, "dmuon", False):
-            module.get_megatron_optimizer = _patched_get_optimizer(fn)
-    emerging = getattr(core_optimizer, "_get_megatron_emerging_optimizer", None)  # >= 0.19
-    if emerging is not None and not getattr(emerging, "dmuon", False):
-        core_optimizer._get_megatron_emerging_optimizer = _patched_emerging(emerging)
-    try:
-        from megatron.training import arguments
-    except ImportError:  # megatron-core < 0.19 ships no megatron.training
-        return
-    if not getattr(arguments.add_megatron_arguments, "dmuon", False):
-        original = arguments.add_megatron_arguments
-
-        def add_megatron_arguments(parser: Any) -> Any:
-            return add_dmuon_arguments(original(parser) or parser)
-
-        add_megatron_arguments.dmuon = True
-        arguments.add_megatron_arguments = add_megatron_arguments
-    if not getattr(arguments.validate_args, "dmuon", False):
-        arguments.validate_args = _patched_validate_args(arguments.validate_args)
+    ``megatron.training`` the argument parser and its validation (`megatron_internals`)."""
+    internals.patch_get_megatron_optimizer(_patched_get_optimizer)
+    internals.patch_emerging_optimizer()
+    if internals.patch_arguments(add_dmuon_arguments):
+        internals.patch_validate_args()
 
 
 register()

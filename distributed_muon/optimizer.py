@@ -13,11 +13,10 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from distributed_muon.plan import OwnershipPlan
 from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
 from distributed_muon.scale import SCALE_MODES, shape_scale
 from distributed_muon.sharding import Sharding, infer_sharding
+from distributed_muon.update import adamw_, momentum_, muon_update_, nesterov_into
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ class DistributedMuon(Optimizer):
             torch._foreach_zero_(missing)
         for gi, idx in self._muon_by_group(grads):
             group = self.param_groups[gi]
-            mu = group["momentum"]
+            mu, form = group["momentum"], group["momentum_form"]
             g = [grads[i] for i in idx]
             bufs = []
             for i in idx:
@@ -555,40 +555,15 @@ class DistributedMuon(Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grads[i])
                 bufs.append(state["momentum_buffer"])
-            ema = group["momentum_form"] == "ema"
-            if ema:
-                torch._foreach_lerp_(bufs, g, 1 - mu)
-            else:
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, g)
-            out = [views[i] for i in idx]
-            if not group["nesterov"]:
-                torch._foreach_copy_(out, bufs)
-            elif all(o.dtype == b.dtype for o, b in zip(out, bufs, strict=True)):
-                # u computed in place in the exchange: no transient copy of every momentum.
-                torch._foreach_copy_(out, g)
-                if ema:
-                    torch._foreach_lerp_(out, bufs, mu)
-                else:
-                    torch._foreach_add_(out, bufs, alpha=mu)
-            else:
-                # u in the momentum's dtype, rounded once into the (bf16) buffer; the
-                # transient is bounded by _U_CHUNK values, not every momentum at once.
-                for part in _bounded(range(len(idx)), [b.numel() for b in bufs], _U_CHUNK):
-                    gp, bp = [g[k] for k in part], [bufs[k] for k in part]
-                    u = torch._foreach_lerp(gp, bp, mu) if ema else torch._foreach_add(
-                        gp, bp, alpha=mu)
-                    torch._foreach_copy_([out[k] for k in part], u)
+            momentum_(bufs, g, mu, form)
+            nesterov_into([views[i] for i in idx], g, bufs, mu, form, group["nesterov"])
 
     def _apply_muon(self, grads: list[torch.Tensor | None]) -> None:
         views = self.exchange.local_views
         for gi, idx in self._muon_by_group(grads):
             group = self.param_groups[gi]
-            lr, wd = group["lr"], group["weight_decay"]
             params = [self.sharding.local(self._muon[i]) for i in idx]
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, [views[i] for i in idx], alpha=-lr)
+            muon_update_(params, [views[i] for i in idx], group["lr"], group["weight_decay"])
 
     def _muon_by_group(self, grads: list[torch.Tensor | None]) -> list[tuple[int, list[int]]]:
         """Indices of Muon parameters that have a gradient, per param group."""
@@ -605,11 +580,8 @@ class DistributedMuon(Optimizer):
                 by_group.setdefault(gi, []).append((p, g))
         for gi, pairs in by_group.items():
             group = self.param_groups[gi]
-            lr = _adamw_lr(group)
             wd = group["weight_decay"] if group["adamw_weight_decay"] is None \
                 else group["adamw_weight_decay"]
-            beta1, beta2 = group["adamw_betas"]
-            params, g = [self.sharding.local(p) for p, _ in pairs], [gr for _, gr in pairs]
             m, v, steps = [], [], []
             for p, gr in pairs:
                 state = self.state[p]
@@ -621,41 +593,15 @@ class DistributedMuon(Optimizer):
                 m.append(state["exp_avg"])
                 v.append(state["exp_avg_sq"])
                 steps.append(state["step"].item())
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(m, g, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            if group["adamw_bias_correction"]:
-                torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-                step_sizes = [-lr / (1 - beta1**t) for t in steps]
-            else:
-                step_sizes = [-lr] * len(steps)
-            torch._foreach_add_(denom, group["adamw_eps"])
-            torch._foreach_addcdiv_(params, m, denom, step_sizes)
+            adamw_([self.sharding.local(p) for p, _ in pairs], [gr for _, gr in pairs], m, v,
+                   steps, lr=_adamw_lr(group), betas=group["adamw_betas"],
+                   eps=group["adamw_eps"], weight_decay=wd,
+                   bias_correction=group["adamw_bias_correction"])
 
 
-# Values of u computed at once when it cannot be computed in its buffer (64 Mi: 256 MiB fp32).
-_U_CHUNK = 1 << 26
 # Values one Newton-Schulz call orthogonalizes at most (64 Mi: 128 MiB in fp16/bf16, e.g. four
 # 8192x2048 matrices): bounds the iteration's workspace whatever the batch.
 _NS_CALL_VALUES = 1 << 26
-
-
-def _bounded(items: Sequence[int], sizes: Sequence[int], cap: int) -> Iterator[list[int]]:
-    """``items`` in order, cut into runs whose ``sizes`` add up to at most ``cap`` (an item
-    larger than ``cap`` is a run of its own)."""
-    run: list[int] = []
-    total = 0
-    for item, size in zip(items, sizes, strict=True):
-        if run and total + size > cap:
-            yield run
-            run, total = [], 0
-        run.append(item)
-        total += size
-    if run:
-        yield run
 
 
 def _check_saved_options(gi: int, group: dict[str, Any], current: dict[str, Any]) -> None:

@@ -70,8 +70,11 @@ MISNAMED_OPTIONS = {
     "adam_betas": "adamw_betas",
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
-OPTIMIZER_WIDE = ("comm_dtype", "plan", "process_group", "qk_clip_tau", "sharding",
+OPTIMIZER_WIDE = ("comm_dtype", "owner_strategy", "process_group", "qk_clip_tau", "sharding",
                   "diagnostics_every", "ns_cost", "exchange_chunks")
+# Former names of optimizer-wide options, accepted with a DeprecationWarning until the release
+# named here. `plan` was the strategy string, while `OwnershipPlan` is the object it builds.
+RENAMED_OPTIONS = {"plan": ("owner_strategy", "0.2.0")}
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -82,8 +85,26 @@ def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_
     hints = [f"use {MISNAMED_OPTIONS[n]} instead of {n}" for n in names if n in MISNAMED_OPTIONS]
     if hints:
         return TypeError("DistributedMuon: " + "; ".join(hints))
+    wide = list(wide)
+    renamed = "".join(f"; {old!r} still works, until {until}, as the former name of {new!r}"
+                      for old, (new, until) in RENAMED_OPTIONS.items() if new in wide)
     return TypeError(f"unknown DistributedMuon option(s) {names}: valid options are "
-                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {list(wide)}")
+                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {wide}{renamed}")
+
+
+def take_renamed_option(given: dict[str, Any], old: str, current: Any, default: Any) -> Any:
+    """``current``, or the value passed under the former name ``old`` (removed from
+    ``given``, with a DeprecationWarning naming the new keyword and the release that drops the
+    old one). Both at once is an error, unless ``current`` is still its ``default``."""
+    if old not in given:
+        return current
+    new, until = RENAMED_OPTIONS[old]
+    value = given.pop(old)
+    if current != default:
+        raise TypeError(f"DistributedMuon: pass {new}= only ({old}= is its former name)")
+    warnings.warn(f"DistributedMuon: {old}= is deprecated and goes away in {until}: use "
+                  f"{new}={value!r}", DeprecationWarning, stacklevel=3)
+    return value
 
 
 # Options a state dict saved before they existed ran with (not today's defaults).
@@ -115,9 +136,11 @@ class DistributedMuon(Optimizer):
     the options: ``use_muon`` (True/False/None = auto),
     ``row_blocks`` (split of a fused weight's rows) and ``matrix_view`` ("experts"/"flatten").
 
-    ``comm_dtype``, ``process_group``, ``sharding`` and ``plan`` are optimizer-wide:
-    ``sharding`` is a framework adapter (inferred from the parameters when None), ``plan`` the
-    owner strategy ("lpt" or "round_robin"). ``qk_clip_tau`` (None: off) turns on QK-clip
+    ``comm_dtype``, ``process_group``, ``sharding`` and ``owner_strategy`` are optimizer-wide:
+    ``sharding`` is a framework adapter (inferred from the parameters when None),
+    ``owner_strategy`` how `OwnershipPlan` assigns each matrix its owner rank: ``"lpt"``
+    (balanced by NS cost) or ``"round_robin"`` (the baseline). Its former name ``plan=`` works,
+    with a DeprecationWarning, until 0.2.0. ``qk_clip_tau`` (None: off) turns on QK-clip
     for the attention layers given to `register_qk` (see `distributed_muon.qk_clip` and
     docs/muonclip.md); ``qk_clip`` then tells what the last step clipped.
     ``diagnostics_every=k`` (0: off) measures every matrix on its owner every ``k`` steps and
@@ -159,13 +182,14 @@ class DistributedMuon(Optimizer):
         *,
         process_group: dist.ProcessGroup | None = None,
         sharding: Sharding | None = None,
-        plan: str = "lpt",
+        owner_strategy: str = "lpt",
         qk_clip_tau: float | None = None,
         diagnostics_every: int = 0,
         ns_cost: NSCost | str | os.PathLike | None = None,
         exchange_chunks: int = 1,
         **unknown: Any,
     ) -> None:
+        owner_strategy = take_renamed_option(unknown, "plan", owner_strategy, "lpt")
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
             raise unknown_options_error(unknown)
         # The keyword arguments that are group options (all but the group-only ones).
@@ -174,7 +198,8 @@ class DistributedMuon(Optimizer):
         self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         super().__init__(params, defaults)
         # Optimizer-wide choices, kept to rebuild the layout when the parameters change.
-        self._sharding_arg, self._process_group, self._strategy = sharding, process_group, plan
+        self._sharding_arg, self._process_group = sharding, process_group
+        self._owner_strategy = owner_strategy
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.ns_matrices = 0  # matrices this rank has orthogonalized, over all steps
@@ -303,7 +328,7 @@ class DistributedMuon(Optimizer):
         regions = [self.sharding.regions(p, s) for p, s in zip(muon, specs, strict=True)]
         self.layout = ShardLayout.gather(specs, keys, regions, self.sharding.group)
         costs = matrix_costs(self.layout.matrices, self._ns_cost, self.sharding.group, device)
-        self.plan = OwnershipPlan.build(self.layout, costs, self._strategy)
+        self.plan = OwnershipPlan.build(self.layout, costs, self._owner_strategy)
         # In one process nothing travels: an fp32/fp64 iteration reads u unrounded (exact
         # parity). Half-precision ones read comm_dtype, as at any world size (fp16 NS still
         # reads bf16: u is not normalized yet and may exceed fp16's range).
@@ -697,7 +722,7 @@ def ns_options(group: dict[str, Any]) -> NSOptions:
 
 def validate_group(group: dict[str, Any]) -> None:
     """Check and normalize one param group's options; every error names the fix."""
-    for key in OPTIMIZER_WIDE:
+    for key in (*OPTIMIZER_WIDE, *RENAMED_OPTIONS):
         if key in group:
             raise ValueError(f"{key} is optimizer-wide: pass it to DistributedMuon, not a group")
     misnamed = set(group) & set(MISNAMED_OPTIONS)  # would be silently ignored in a group

@@ -41,10 +41,16 @@ def fragment_rect(spec: MatrixSpec, fragment: Fragment) -> Rect:
     return flat_rect(spec, start, start + length)
 
 
+# ZeRO-1/2 pad the flat group to a multiple of this many values per rank
+# (``nccl_start_alignment_factor``: 4-byte starts for 16-bit values).
+ALIGNMENT = 2
+
+
 def partition_fragments(numels: Sequence[int], world: int) -> Fragments:
-    """ZeRO-1/2: parameters of ``numels`` values, flattened in order and padded, cut into one
-    even range of ``part`` values per rank of ``world``."""
-    part = -(-sum(numels) // world)
+    """ZeRO-1/2: parameters of ``numels`` values, flattened in order and padded to a multiple
+    of ``ALIGNMENT * world``, cut into one even range per rank of ``world`` (DeepSpeed's
+    ``parameter_alignment`` padding, off by default, is not modelled)."""
+    part = -(-sum(numels) // (ALIGNMENT * world)) * ALIGNMENT
     out: Fragments = []
     base = 0
     for numel in numels:
@@ -81,7 +87,8 @@ def zero3_fragments(numels: Sequence[int], world: int) -> Fragments:
 
 def sub_groups(sizes: Sequence[int], limit: int) -> list[list[int]]:
     """ZeRO-3 sub-groups (indices): parameters in order, a new sub-group once ``limit``
-    values (``sizes``) are reached."""
+    values are reached, counting each parameter's ``sizes`` (DeepSpeed counts what one rank
+    holds: ``ceil(numel / world)``)."""
     out: list[list[int]] = [[]]
     total = 0
     for i, size in enumerate(sizes):
@@ -114,7 +121,8 @@ def zero_units(params: list[ModelParam], layout: ParallelLayout, stage: int) -> 
             out.append(_unit(f"stage {stage}{label}", stage, group, ranks, copies,
                              partition_fragments(numels, size)))
             continue
-        for i, idx in enumerate(sub_groups(numels, layout.sub_group_size)):
+        parts = [-(-n // size) for n in numels]
+        for i, idx in enumerate(sub_groups(parts, layout.sub_group_size)):
             sub = [group[j] for j in idx]
             out.append(_unit(f"stage {stage}{label} sub-group {i}", stage, sub, ranks, copies,
                              zero3_fragments([numels[j] for j in idx], size)))

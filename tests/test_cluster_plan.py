@@ -187,8 +187,9 @@ def test_zero_partitions():
     (unit,) = units(params, ParallelLayout("zero1", 4))  # ranges of 6: 0-6, 6-12, 12-18, 18-23
     assert unit.tables[0][:, [0, 6, 7]].tolist() == [[0, 0, 6], [1, 6, 12], [2, 12, 15]]
     assert unit.tables[1][:, [0, 6, 7]].tolist() == [[2, 0, 3], [3, 3, 8]]
-    z3 = units(params, ParallelLayout("zero3", 4, sub_group_size=15))
-    assert [u.names for u in z3] == [["a"], ["b"]]  # a new sub-group once 15 values are in
+    # DeepSpeed counts a sub-group's values per rank: a holds 4 of its 15 on each of 4 ranks.
+    z3 = units(params, ParallelLayout("zero3", 4, sub_group_size=4))
+    assert [u.names for u in z3] == [["a"], ["b"]]  # a new sub-group once 4 values are in
     assert z3[0].tables[0][:, [0, 6, 7]].tolist() == [[0, 0, 4], [1, 4, 8], [2, 8, 12],
                                                       [3, 12, 15]]
 

@@ -3,13 +3,15 @@
 Each backend is one object with the same few methods, so the training loop never asks which
 one it runs: `build` wraps the model and makes the optimizer and LR schedule, `step` takes a
 loss through backward and the optimizer, `save`/`load` write and read one checkpoint folder.
-Add a backend by writing a class and naming it in `BACKENDS`.
+Add a backend by writing a class and naming it in `BACKENDS` (by ``"module:Class"`` when it
+lives in a module of its own).
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -303,6 +305,32 @@ def _qk_stats(opt: torch.optim.Optimizer) -> dict[str, float | int]:
     return {"qk_clipped": clip.last_clipped, "max_logit": clip.last_max_logit}
 
 
-from distributed_muon.launch.megatron_backend import Megatron  # noqa: E402  (subclasses Backend)
+class _Registry(Mapping[str, type[Backend]]):
+    """Backends by name. One in a module of its own (which imports `Backend` from here) is
+    entered as ``"module:Class"`` and imported on first lookup, so that the two modules never
+    import each other."""
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FSDP2, DDP, DeepSpeed, Megatron)}
+    def __init__(self, entries: dict[str, type[Backend] | str]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> type[Backend]:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, cls = entry.partition(":")
+            entry = self._entries[name] = getattr(importlib.import_module(module), cls)
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+BACKENDS: Mapping[str, type[Backend]] = _Registry({
+    **{b.name: b for b in (FSDP2, DDP, DeepSpeed)},
+    "megatron": "distributed_muon.launch.megatron_backend:Megatron",
+})

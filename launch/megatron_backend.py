@@ -73,9 +73,10 @@ class Megatron(Backend):
         opt_config = OptimizerConfig(
             optimizer="dmuon" if muon else "adam", lr=cfg.peak_lr,
             weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
-            use_distributed_optimizer=True, clip_grad=0.0,
-            # Megatron's spectral scale x 0.2 = match_rms_adamw, the other backends' scale.
-            muon_extra_scale_factor=0.2, muon_momentum=0.95)
+            use_distributed_optimizer=True, clip_grad=0.0, muon_momentum=0.95)
+        # The other backends' shape scale, asked for by name (`--dmuon-scale`), in place of
+        # Megatron's --muon-scale-mode (its "spectral" default is 5x match_rms_adamw).
+        opt_config.dmuon_scale = "match_rms_adamw"
         # Nesterov, as the other backends: the field is muon_use_nesterov in 0.16,
         # muon_nesterov in 0.19. Jordan's fixed quintic ("simple"), the other backends'
         # schedule (Megatron's default "quintic" is a different, per-step one).

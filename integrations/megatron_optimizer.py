@@ -172,7 +172,8 @@ class MegatronMuon(Optimizer):
                     groups.append({**self.options, **sub})
                     self._inner_of.append((gi, is_muon))
         self.inner = DistributedMuon(groups, sharding=sharding, comm_dtype=self.comm_dtype,
-                                     plan=self.plan, exchange_chunks=self.exchange_chunks)
+                                     owner_strategy=self.plan,
+                                     exchange_chunks=self.exchange_chunks)
         self._link()
 
     def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:

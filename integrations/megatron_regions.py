@@ -130,12 +130,14 @@ def _dense_rows(p: ModelParam, spec: MatrixSpec, world: int, tp: int) -> np.ndar
     rows, cols = spec.experts * spec.rows, spec.cols
     whole = p.tp is None or tp == 1
     dim = None if whole else (0 if p.tp == "col" else 1)
+    size = 1 if whole else tp
+    blocks = [[block_rect(rect) for rect in tp_rects(rows, cols, dim, 1, size, t)]
+              for t in range(size)]  # the same for every TP group
     out = []
     for r in range(world):
-        t_rank = 0 if whole else r % tp
+        t_rank = r % size
         replica = r if whole else r - t_rank
-        out.extend((r, replica, *block_rect(rect))
-                   for rect in tp_rects(rows, cols, dim, 1, 1 if whole else tp, t_rank))
+        out.extend((r, replica, *rect) for rect in blocks[t_rank])
     return table(out)
 
 

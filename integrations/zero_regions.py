@@ -26,19 +26,29 @@ from distributed_muon.cluster import (
     flat_rect,
     group_ranks,
     spec_of,
-    table,
 )
 from distributed_muon.params import MatrixSpec
 
 Fragment = tuple[int, int, int]
-# Per parameter, the (rank, fragment) of every rank that holds some of it, in rank order.
-Fragments = list[list[tuple[int, Fragment]]]
+# Per parameter, every rank's fragment of it as an int64 row (rank, start, length, offset), in
+# rank order (ranks that hold none of it have no row).
+Fragments = list[np.ndarray]
 
 
 def fragment_rect(spec: MatrixSpec, fragment: Fragment) -> Rect:
     """The region a fragment is, in its parameter's local storage (the fragment itself)."""
     start, length, _ = fragment
     return flat_rect(spec, start, start + length)
+
+
+def fragment_table(spec: MatrixSpec, fragments: np.ndarray) -> np.ndarray:
+    """`fragment_rect` of every rank's fragment (rows of `Fragments`) at once, as region rows
+    (one copy: replica 0)."""
+    out = np.empty((len(fragments), 9), dtype=np.int64)
+    out[:, 2:] = fragment_rect(spec, (0, 0, 0))
+    out[:, 0], out[:, 1] = fragments[:, 0], 0
+    out[:, 6], out[:, 7] = fragments[:, 1], fragments[:, 1] + fragments[:, 2]
+    return out
 
 
 # ZeRO-1/2 pad the flat group to a multiple of this many values per rank
@@ -54,12 +64,11 @@ def partition_fragments(numels: Sequence[int], world: int) -> Fragments:
     out: Fragments = []
     base = 0
     for numel in numels:
-        frags = []
-        for r in range(base // part, min(world, -(-(base + numel) // part))):
-            lo, hi = max(r * part, base), min((r + 1) * part, base + numel)
-            if lo < hi:
-                frags.append((r, (lo - base, hi - lo, lo - r * part)))
-        out.append(frags)
+        ranks = np.arange(base // part, min(world, -(-(base + numel) // part)))
+        lo = np.maximum(ranks * part, base)
+        hi = np.minimum((ranks + 1) * part, base + numel)
+        keep = lo < hi
+        out.append(np.stack([ranks, lo - base, hi - lo, lo - ranks * part], axis=1)[keep])
         base += numel
     return out
 
@@ -71,17 +80,18 @@ def zero3_range(rank: int, part: int, numel: int) -> tuple[int, int]:
 
 
 def zero3_fragments(numels: Sequence[int], world: int) -> Fragments:
-    """ZeRO-3, one sub-group: every parameter split evenly (``ceil(numel / world)`` each),
-    each rank's parts back to back in its flat partition."""
-    out: Fragments = [[] for _ in numels]
-    for r in range(world):
-        offset = 0
-        for i, numel in enumerate(numels):
-            part = -(-numel // world)
-            start, stop = zero3_range(r, part, numel)
-            if start < stop:
-                out[i].append((r, (start, stop - start, offset)))
-            offset += part
+    """ZeRO-3, one sub-group: every parameter split evenly (`zero3_range`, ``ceil(numel /
+    world)`` each), each rank's parts back to back in its flat partition (so a part's offset
+    is the same on every rank)."""
+    out: Fragments = []
+    offset = 0
+    for numel in numels:
+        part = -(-numel // world)
+        ranks = np.arange(-(-numel // part) if part else 0)  # those with r * part < numel
+        start = ranks * part  # `zero3_range` of every such rank
+        stop = np.minimum(start + part, numel)
+        out.append(np.stack([ranks, start, stop - start, np.full_like(ranks, offset)], axis=1))
+        offset += part
     return out
 
 
@@ -134,6 +144,5 @@ def _unit(name: str, stage: int, params: list[ModelParam], ranks: np.ndarray, co
     """One DeepSpeed optimizer unit over ``ranks``; copy ``c`` (expert groups) is on
     ``ranks + c``."""
     specs = [spec_of(p) for p in params]
-    tables = [table([(r, 0, *fragment_rect(spec, f)) for r, f in frags])
-              for spec, frags in zip(specs, fragments, strict=True)]
+    tables = [fragment_table(spec, frags) for spec, frags in zip(specs, fragments, strict=True)]
     return Unit(name, stage, [p.name for p in params], specs, tables, ranks, copies, 1)

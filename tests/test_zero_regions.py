@@ -106,6 +106,6 @@ def test_predicted_fragments_are_deepspeeds(live, stage):
         predicted = [partition_fragments(numels, WORLD)]
     for rank, got in enumerate(live):
         for unit, idx, frags in zip(got[stage], groups, predicted, strict=True):
-            want = {MUON[i].name: f for i, per in zip(idx, frags, strict=True)
-                    for r, f in per if r == rank}
+            want = {MUON[i].name: tuple(row[1:]) for i, per in zip(idx, frags, strict=True)
+                    for row in per.tolist() if row[0] == rank}
             assert unit["fragments"] == want, (stage, rank)

@@ -309,12 +309,6 @@ class ShardLayout:
         tables = split_by_param([e[2] for e in everything], len(specs))
         return cls.from_tables(specs, keys, tables, len(everything), rank)
 
-    def replicas(self, matrix: int) -> dict[int, list[Piece]]:
-        out: dict[int, list[Piece]] = {}
-        for piece in self.pieces[matrix]:
-            out.setdefault(piece.replica, []).append(piece)
-        return out
-
     def pieces_where(self, mask: np.ndarray) -> list[Piece]:
         """The `Piece`s of the table rows where ``mask`` is true, in table order."""
         return [_piece(r) for r in self.table[mask].tolist()]

@@ -86,8 +86,8 @@ GRAM_MIN_ASPECT = 1.5
 # m x m result has at least this many rows. Measured on one H100 (docs/benchmarks.md,
 # `scripts/bench_ns.py --products`): the kernel beats torch's full product on both products
 # only from m = 8192; below, its fixed cost (~0.1 ms) loses. The environment variable
-# DMUON_SYMMETRIC_MIN_SIZE overrides it (a huge value turns the kernel off).
-SYMMETRIC_MIN_SIZE = int(os.environ.get("DMUON_SYMMETRIC_MIN_SIZE", "8192"))
+# DMUON_SYMMETRIC_MIN_SIZE overrides it (`symmetric_min_size`; a huge value turns the kernel off).
+SYMMETRIC_MIN_SIZE = 8192
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -220,6 +220,14 @@ def symmetric_kernel_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and _symmetric_module() is not None
 
 
+def symmetric_min_size() -> int:
+    """Rows from which ``kernel="auto"`` runs the symmetric products by the Triton kernel:
+    the environment variable ``DMUON_SYMMETRIC_MIN_SIZE`` when set, else `SYMMETRIC_MIN_SIZE`.
+    Read at each call (not at import), so a launcher or test that sets it later is obeyed."""
+    value = os.environ.get("DMUON_SYMMETRIC_MIN_SIZE")
+    return int(value) if value is not None else SYMMETRIC_MIN_SIZE
+
+
 def _symmetric_product(Y: torch.Tensor, kernel: str) -> SymmetricProduct:
     """How `orthogonalize` computes the symmetric products of the batch ``Y[B, m, n]``."""
     if kernel == "torch":
@@ -231,7 +239,7 @@ def _symmetric_product(Y: torch.Tensor, kernel: str) -> SymmetricProduct:
             raise ValueError(f"kernel='triton' needs CUDA, Triton and a bf16/fp16 ns_dtype, got "
                              f"{Y.dtype} on {Y.device} (Triton installed: {module is not None})")
         return module.symmetric_matmul
-    if fits and Y.shape[-2] >= SYMMETRIC_MIN_SIZE and _kernel_failure is None \
+    if fits and Y.shape[-2] >= symmetric_min_size() and _kernel_failure is None \
             and _symmetric_module() is not None:
         return _kernel_or_torch
     return _torch_symmetric
@@ -286,7 +294,7 @@ def orthogonalize(
     The normalization is fp32 for both methods.
 
     ``kernel`` says how the symmetric products run: ``"auto"`` by the Triton kernel on CUDA in
-    bf16/fp16 for ``min(m, n) >= SYMMETRIC_MIN_SIZE`` (torch elsewhere), ``"torch"`` always by
+    bf16/fp16 for ``min(m, n) >= symmetric_min_size()`` (torch elsewhere), ``"torch"`` always by
     torch, ``"triton"`` always by the kernel (an error where it cannot run). The torch path is
     bit for bit the same computation on every device.
 

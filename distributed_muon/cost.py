@@ -1,11 +1,12 @@
 """What orthogonalizing one matrix costs, for the ownership plan: FLOPs, or measured seconds.
 
 The plan balances the sum of its cost model over ranks. FLOPs (`flop_cost`) are exact and need
-no device, but shapes run at different speeds (a square 2048x2048 runs at a lower TFLOP/s than
-a 2048x8192 on an H200, and Gram's small products lower still), so a FLOP-balanced plan is not
-time-balanced. A `CostTable` holds the measured seconds per matrix of each (shape, NS options)
-on one device: measured once (`measure`, `CostTable.cached`), saved as JSON, and read by every
-rank. Shapes the table lacks are priced at the speed of the nearest measured shape.
+no device, but shapes run at different speeds (docs/benchmarks.md: the per-rank NS TFLOP/s in
+"Optimizer step by phase, FSDP2 layout", and Gram's per-shape times in "After the reshape, and
+Gram Newton-Schulz"), so a FLOP-balanced plan is not time-balanced. A `CostTable` holds the
+measured seconds per matrix of each (shape, NS options) on one device: measured once
+(`measure`, `CostTable.cached`), saved as JSON, and read by every rank. Shapes the table lacks
+are priced at the speed of the nearest measured shape.
 
 Every cost model here is an `NSCost`: ``cost(m, n, options) -> float`` for one ``m x n``
 matrix with `NSOptions` ``options``. Only ratios matter to the plan, but the units of one model
@@ -64,10 +65,10 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters
 
 
 # A table entry's key: what decides the speed. The shape as given: NS works on a tall matrix
-# through its transposed view, which runs at another speed than the wide matrix of the same
-# sides (measured on H200 at N=4: ranks owning 8192x2048 matrices 491-504 TFLOP/s, those
-# owning 2048x8192 ones 531-538, docs/benchmarks.md). Then the path taken (Gram only where it
-# runs), steps, the restart of a Gram path, and the dtype.
+# through its transposed view, which may run at another speed than the wide matrix of the same
+# sides (`scripts/bench_ns.py` times both orientations: docs/benchmarks.md, "After the reshape,
+# and Gram Newton-Schulz"). Then the path taken (Gram only where it runs), steps, the restart
+# of a Gram path, and the dtype.
 Key = tuple[int, int, str, int, int, str]
 
 

@@ -65,12 +65,13 @@ Schedule = str | Sequence[Sequence[float]]
 NS_METHODS = ("standard", "gram")
 # Gram Newton-Schulz rebuilds X and its Gram matrix from X every GRAM_RESTART steps (after
 # steps 2 and 4 of 5), which bounds the rounding drift of the accumulated m x m products.
-# Measured in bf16 (`scripts/bench_ns.py --accuracy`, docs/muon.md): every 2 steps is as
-# accurate as the standard iteration; a 3-step segment (restart after 3, or only after 2)
-# lets condition-1e3 inputs overshoot to singular values 1.4-2.0, and no restart diverges.
+# Every 2 steps is the longest interval measured accurate in bf16; longer ones overshoot on
+# ill-conditioned inputs and no restart diverges (docs/muon.md, "Gram Newton-Schulz", Restart:
+# the measurement and its command, `scripts/bench_ns.py --accuracy`).
 GRAM_RESTART = 2
-# fp16 rounds 8x finer than bf16: restarting every 3 steps (once in 5) is measured still more
-# accurate than bf16's standard iteration (docs/muon.md), and saves one X X^T and one Q X.
+# fp16 rounds 8x finer than bf16 (3 more mantissa bits): restarting every 3 steps (once in 5)
+# is measured still more accurate than bf16's standard iteration (docs/muon.md, "fp16
+# Newton-Schulz"), and saves one X X^T and one Q X.
 GRAM_RESTART_FP16 = 3
 
 
@@ -83,9 +84,9 @@ def gram_restart(dtype: torch.dtype) -> int:
 GRAM_MIN_ASPECT = 1.5
 
 # kernel="auto" runs the symmetric products by the Triton kernel on CUDA (bf16/fp16) when the
-# m x m result has at least this many rows. Measured on one H100 (docs/benchmarks.md,
-# `scripts/bench_ns.py --products`): the kernel beats torch's full product on both products
-# only from m = 8192; below, its fixed cost (~0.1 ms) loses. The environment variable
+# m x m result has at least this many rows: the smallest size at which the kernel was measured
+# to beat torch's full product on both products (docs/benchmarks.md, "Symmetric-product kernel,
+# one H100": the table and its command, `scripts/bench_ns.py --products`). The environment variable
 # DMUON_SYMMETRIC_MIN_SIZE overrides it (`symmetric_min_size`; a huge value turns the kernel off).
 SYMMETRIC_MIN_SIZE = 8192
 KERNELS = ("auto", "torch", "triton")

@@ -476,10 +476,7 @@ class DistributedMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.sync_layout()
         for gi, group in enumerate(self.param_groups):
             if ns_options(group) != self._ns_options[gi]:
@@ -627,6 +624,15 @@ class DistributedMuon(Optimizer):
 # Values one Newton-Schulz call orthogonalizes at most (64 Mi: 128 MiB in fp16/bf16, e.g. four
 # 8192x2048 matrices): bounds the iteration's workspace whatever the batch.
 _NS_CALL_VALUES = 1 << 26
+
+
+def run_closure(closure: Callable[[], float] | None) -> float | None:
+    """The loss ``closure()`` returns, computed with gradients on (a step runs under
+    ``torch.no_grad``, and the closure recomputes the loss and its gradients); None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _check_saved_options(gi: int, group: dict[str, Any], current: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from distributed_muon.optimizer import (
     GROUP_OPTIONS,
     DistributedMuon,
     group_defaults,
+    run_closure,
     unknown_options_error,
     validate_group,
 )
@@ -212,10 +213,7 @@ class DeepSpeedMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         # DeepSpeed's setup call (bf16 without ZeRO) builds the units and updates nothing.
         setup_only = not self._units and is_state_setup_step()
         for group in self.param_groups:

@@ -24,73 +24,28 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from distributed_muon.cost import NSCost, cost_unit, matrix_costs, resolve_ns_cost
+from distributed_muon.cost import NSCost, cost_unit, matrix_costs
 from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
 from distributed_muon.dtypes import NS_DTYPES, DTypeLike, dtype_name, parse_dtype
-from distributed_muon.exchange import Batch, Exchange, check_chunks, count_once
+from distributed_muon.exchange import Batch, Exchange, count_once
 from distributed_muon.layout import ShardLayout
-from distributed_muon.options import MOMENTUM_FORMS, check_choice, check_range
-from distributed_muon.orthogonalize import NSOptions, check_method, orthogonalize, resolve_schedule
-from distributed_muon.params import MATRIX_VIEWS, MatrixSpec, default_use_muon
+from distributed_muon.options import (
+    GROUP_OPTIONS,
+    RENAMED_OPTIONS,
+    check_group,
+    check_optimizer_wide,
+    group_defaults,
+    unknown_options_error,
+)
+from distributed_muon.orthogonalize import NSOptions, orthogonalize
+from distributed_muon.params import MatrixSpec, default_use_muon
 from distributed_muon.plan import OwnershipPlan
 from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
-from distributed_muon.scale import SCALE_MODES, shape_scale
+from distributed_muon.scale import shape_scale
 from distributed_muon.sharding import Sharding, infer_sharding
 from distributed_muon.update import adamw_, momentum_, muon_update_, nesterov_into
 
 log = logging.getLogger(__name__)
-
-# Every per-group option and its default: the one table. `DistributedMuon`'s keyword defaults
-# are these (a test checks they agree), and `group_defaults` reads them from here.
-GROUP_OPTIONS: dict[str, Any] = {
-    "lr": 1e-3,
-    "momentum": 0.95,
-    "nesterov": True,
-    "momentum_form": "ema",
-    "weight_decay": 0.0,
-    "scale": "match_rms_adamw",
-    "ns_schedule": "jordan",
-    "ns_steps": 5,
-    "ns_dtype": "fp16",  # a string, so group values stay plain data (torch DCP, JSON)
-    "ns_method": "gram",  # chosen by measurement: docs/muon.md, "Default Newton-Schulz"
-    "eps": 1e-7,
-    "adamw_lr": None,
-    "adamw_betas": (0.9, 0.95),
-    "adamw_eps": 1e-8,
-    "adamw_weight_decay": None,
-    "adamw_bias_correction": True,
-    "use_muon": None,  # group only: True/False/None = by the rules of `distributed_muon.params`
-    "row_blocks": None,  # group only: split of a fused weight's rows
-    "matrix_view": "experts",  # group only: how a >2-D parameter is seen as matrices
-}
-
-# Options of other optimizers users pass by habit, and ours that do the same thing.
-MISNAMED_OPTIONS = {
-    "betas": "adamw_betas (the betas of the AdamW part; Muon's momentum is `momentum`)",
-    "adam_betas": "adamw_betas",
-    "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
-}
-OPTIMIZER_WIDE = ("comm_dtype", "owner_strategy", "process_group", "qk_clip_tau", "sharding",
-                  "diagnostics_every", "ns_cost", "exchange_chunks")
-# Former names of optimizer-wide options, accepted with a DeprecationWarning until the release
-# named here. `plan` was the strategy string, while `OwnershipPlan` is the object it builds.
-RENAMED_OPTIONS = {"plan": ("owner_strategy", "0.2.0")}
-
-
-def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
-    """The error for option names `DistributedMuon` does not have: a misnamed one names its
-    replacement, otherwise every valid name is listed (``wide``: the optimizer-wide ones the
-    caller accepts)."""
-    names = sorted(names)
-    hints = [f"use {MISNAMED_OPTIONS[n]} instead of {n}" for n in names if n in MISNAMED_OPTIONS]
-    if hints:
-        return TypeError("DistributedMuon: " + "; ".join(hints))
-    wide = list(wide)
-    renamed = "".join(f"; {old!r} still works, until {until}, as the former name of {new!r}"
-                      for old, (new, until) in RENAMED_OPTIONS.items() if new in wide)
-    return TypeError(f"unknown DistributedMuon option(s) {names}: valid options are "
-                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {wide}{renamed}")
-
 
 def take_renamed_option(given: dict[str, Any], old: str, current: Any, default: Any) -> Any:
     """``current``, or the value passed under the former name ``old`` (removed from
@@ -177,7 +132,7 @@ class DistributedMuon(Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         adamw_bias_correction: bool = True,
-        comm_dtype: DTypeLike = torch.bfloat16,
+        comm_dtype: DTypeLike = "bf16",
         ns_method: str = "gram",
         *,
         process_group: dist.ProcessGroup | None = None,
@@ -195,7 +150,11 @@ class DistributedMuon(Optimizer):
         # The keyword arguments that are group options (all but the group-only ones).
         args = locals()
         defaults = group_defaults(**{k: args[k] for k in GROUP_OPTIONS if k in args})
-        self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
+        wide = check_optimizer_wide({
+            "comm_dtype": comm_dtype, "owner_strategy": owner_strategy,
+            "diagnostics_every": diagnostics_every, "ns_cost": ns_cost,
+            "exchange_chunks": exchange_chunks})
+        self.comm_dtype = wide["comm_dtype"]
         super().__init__(params, defaults)
         # Optimizer-wide choices, kept to rebuild the layout when the parameters change.
         self._sharding_arg, self._process_group = sharding, process_group
@@ -206,12 +165,8 @@ class DistributedMuon(Optimizer):
         self.profile = False  # when True, `phase_seconds` gets the time of each phase
         self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.qk_clip = QKClip(qk_clip_tau) if qk_clip_tau is not None else None
-        if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
-            raise ValueError(f"diagnostics_every={diagnostics_every!r} is not valid: an integer "
-                             ">= 0 (0: off)")
         self._diagnostics_every = diagnostics_every
-        self._ns_cost = resolve_ns_cost(ns_cost)
-        check_chunks(exchange_chunks)
+        self._ns_cost = wide["ns_cost"]
         self.exchange_chunks = exchange_chunks
         self._steps = 0  # step() calls, skipped ones included (alike on every rank)
         self._warned_no_grad = False
@@ -244,7 +199,7 @@ class DistributedMuon(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        validate_group(self.param_groups[-1])
+        check_group(self.param_groups[-1])
         # The layout is rebuilt for the new parameters at the next step (`sync_layout`).
 
     # What `_setup` builds from the parameters: rebuilt, never copied, when they change.
@@ -699,15 +654,6 @@ def _warn_unnamed_matrices(groups: list[dict[str, Any]]) -> None:
             "model.named_parameters()) so those get AdamW", stacklevel=3)
 
 
-def group_defaults(**options: Any) -> dict[str, Any]:
-    """`DistributedMuon`'s per-group defaults with ``options`` applied (for adapters that build
-    the optimizer from a config). An unknown name raises, listing the valid ones."""
-    unknown = set(options) - set(GROUP_OPTIONS)
-    if unknown:
-        raise unknown_options_error(unknown)
-    return {**GROUP_OPTIONS, **options}
-
-
 def _adamw_lr(group: dict[str, Any]) -> float:
     """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``; 0 when
     ``lr`` is 0 (a frozen step, e.g. torch DCP's state initialization, moves nothing)."""
@@ -724,46 +670,6 @@ def ns_options(group: dict[str, Any]) -> NSOptions:
     if not isinstance(values["schedule"], str):  # a custom list: hashable, as floats
         values["schedule"] = tuple(tuple(float(x) for x in c) for c in values["schedule"])
     return NSOptions(**values)
-
-
-def validate_group(group: dict[str, Any]) -> None:
-    """Check and normalize one param group's options; every error names the fix."""
-    for key in (*OPTIMIZER_WIDE, *RENAMED_OPTIONS):
-        if key in group:
-            raise ValueError(f"{key} is optimizer-wide: pass it to DistributedMuon, not a group")
-    misnamed = set(group) & set(MISNAMED_OPTIONS)  # would be silently ignored in a group
-    if misnamed:
-        raise ValueError(str(unknown_options_error(misnamed)))
-    check_range("lr", group["lr"], 0.0)
-    check_range("momentum", group["momentum"], 0.0, 1.0)
-    check_range("weight_decay", group["weight_decay"], 0.0)
-    check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
-    check_choice("scale", group["scale"], SCALE_MODES)
-    resolve_schedule(group["ns_schedule"])
-    steps = group["ns_steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
-        raise ValueError(f"ns_steps={steps!r} is not valid: must be an integer in [1, 100]")
-    group["ns_dtype"] = dtype_name(parse_dtype(group["ns_dtype"], "ns_dtype", NS_DTYPES))
-    check_method(group["ns_method"])
-    check_range("eps", group["eps"], 0.0)
-    if group["adamw_lr"] is not None:
-        check_range("adamw_lr", group["adamw_lr"], 0.0)
-    if group["adamw_weight_decay"] is not None:
-        check_range("adamw_weight_decay", group["adamw_weight_decay"], 0.0)
-    betas = group["adamw_betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"adamw_betas={betas!r} is not valid: must be a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        check_range(f"adamw_betas[{i}]", b, 0.0, 1.0)
-    group["adamw_betas"] = tuple(float(b) for b in betas)
-    if not 0.0 < group["adamw_eps"]:
-        raise ValueError(f"adamw_eps={group['adamw_eps']!r} is not valid: must be > 0")
-    for flag in ("nesterov", "adamw_bias_correction"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"{flag}={group[flag]!r} is not valid: must be true or false")
-    if group["use_muon"] not in (True, False, None):
-        raise ValueError(f"use_muon={group['use_muon']!r} is not valid: use true, false or none")
-    check_choice("matrix_view", group["matrix_view"], MATRIX_VIEWS)
 
 
 class _PhaseClock:
@@ -787,3 +693,4 @@ class _PhaseClock:
             now = self._now()
             self.into[phase] += now - self.last
             self.last = now
+

@@ -175,7 +175,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            _one_of(MATRIX_VIEWS), str, MATRIX_VIEWS),
     Option("comm_dtype", "bf16", "dtype of the gradient/update exchange: bf16 or fp32",
            "optimizer", _comm_dtype, str, ("bf16", "fp32", "fp64")),
-    Option("plan", "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin",
+    Option("owner_strategy", "lpt", "owner assignment: lpt (balanced by NS cost) or "
+           "round_robin",
            "optimizer", _one_of(STRATEGIES), str, STRATEGIES),
     Option("process_group", None, "the data-parallel group (default: the world)", "optimizer"),
     Option("sharding", None, "a framework adapter (default: inferred from the parameters)",
@@ -205,6 +206,9 @@ MISNAMED_OPTIONS = {
     "adam_betas": "adamw_betas",
     "adjust_lr_fn": "scale (torch.optim.Muon's adjust_lr_fn values are scale modes here)",
 }
+# Former names of optimizer-wide options, accepted with a DeprecationWarning until the release
+# named here. `plan` was the strategy string, while `OwnershipPlan` is the object it builds.
+RENAMED_OPTIONS = {"plan": ("owner_strategy", "0.2.0")}
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:
@@ -215,8 +219,11 @@ def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_
     hints = [f"use {MISNAMED_OPTIONS[n]} instead of {n}" for n in names if n in MISNAMED_OPTIONS]
     if hints:
         return TypeError("DistributedMuon: " + "; ".join(hints))
+    wide = list(wide)
+    renamed = "".join(f"; {old!r} still works, until {until}, as the former name of {new!r}"
+                      for old, (new, until) in RENAMED_OPTIONS.items() if new in wide)
     return TypeError(f"unknown DistributedMuon option(s) {names}: valid options are "
-                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {list(wide)}")
+                     f"{sorted(GROUP_OPTIONS)} and the optimizer-wide {wide}{renamed}")
 
 
 def group_defaults(**options: Any) -> dict[str, Any]:
@@ -230,7 +237,7 @@ def group_defaults(**options: Any) -> dict[str, Any]:
 
 def check_group(group: dict[str, Any]) -> None:
     """Check and normalize one param group's options in place; every error names the fix."""
-    for key in OPTIMIZER_WIDE:
+    for key in (*OPTIMIZER_WIDE, *RENAMED_OPTIONS):
         if key in group:
             raise ValueError(f"{key} is optimizer-wide: pass it to DistributedMuon, not a group")
     misnamed = set(group) & set(MISNAMED_OPTIONS)  # would be silently ignored in a group

@@ -44,28 +44,32 @@ from distributed_muon.integrations.zero_regions import fragment_rect
 from torch.optim import Optimizer
 
 from distributed_muon.cluster import region
-from distributed_muon.cost import resolve_ns_cost
-from distributed_muon.dtypes import DTypeLike, parse_dtype
-from distributed_muon.exchange import check_chunks
+from distributed_muon.dtypes import DTypeLike
 from distributed_muon.heads import attention_row_blocks, refine
 from distributed_muon.layout import Region
-from distributed_muon.optimizer import (
+from distributed_muon.optimizer import DistributedMuon, run_closure
+from distributed_muon.options import (
     GROUP_OPTIONS,
-    DistributedMuon,
+    OPTIMIZER_WIDE,
+    OPTIONS,
+    check_group,
+    check_optimizer_wide,
     group_defaults,
-    run_closure,
     unknown_options_error,
-    validate_group,
 )
 from distributed_muon.params import MatrixSpec, default_use_muon
-from distributed_muon.plan import STRATEGIES
 from distributed_muon.qk_clip import MaxLogitRecorder, QKClip, scale_rows
 from distributed_muon.sharding import Sharding
 
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
-# The optimizer-wide options the JSON config can set (process groups and shardings it cannot).
-_OPTIMIZER_WIDE = ("comm_dtype", "plan", "qk_clip_tau", "ns_cost", "exchange_chunks",
+# The optimizer-wide options the JSON config can set: not process groups or shardings (no JSON
+# holds one; DeepSpeed's own are used) nor diagnostics (not wired per flat partition yet).
+NOT_IN_JSON = ("process_group", "sharding", "diagnostics_every")
+# JSON keys spelled otherwise than the option: DeepSpeed's own per_head_muon, and plan (the
+# former name of owner_strategy, kept in the JSON so far).
+JSON_WIDE_NAMES = {"owner_strategy": "plan", "per_head": "per_head_muon"}
+_OPTIMIZER_WIDE = (*(JSON_WIDE_NAMES.get(n, n) for n in OPTIMIZER_WIDE if n not in NOT_IN_JSON),
                    "per_head_muon")
 # JSON names -> DistributedMuon options. As in DeepSpeed's own Muon, "betas" and "eps" are the
 # Adam part's (HF's Trainer fills them from adam_beta1/2 and adam_epsilon when "auto"), so
@@ -140,7 +144,7 @@ class DeepSpeedMuon(Optimizer):
     (`distributed_muon.heads`); their groups are split by row blocks.
     """
 
-    def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = torch.bfloat16,
+    def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = "bf16",
                  plan: str = "lpt", qk_clip_tau: float | None = None,
                  ns_cost: str | None = None, exchange_chunks: int = 1,
                  per_head_muon: bool = False, **options: Any) -> None:
@@ -149,22 +153,18 @@ class DeepSpeedMuon(Optimizer):
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
             raise unknown_options_error(unknown, wide=_OPTIMIZER_WIDE)
         defaults = group_defaults(**options)
-        self.comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
-        if plan not in STRATEGIES:
-            raise ValueError(f"plan={plan!r} is not valid: use one of {STRATEGIES}")
-        self.plan = plan
-        self.ns_cost = resolve_ns_cost(ns_cost)  # a bad table fails here, before any step
-        check_chunks(exchange_chunks)
-        self.exchange_chunks = exchange_chunks
+        # Checked here, before DeepSpeed's first step builds the units that use them.
+        wide = check_optimizer_wide({"comm_dtype": comm_dtype, "ns_cost": ns_cost,
+                                     "exchange_chunks": exchange_chunks})
+        self.comm_dtype = wide["comm_dtype"]
+        self.plan = OPTIONS["owner_strategy"].check("plan", plan)
+        self.ns_cost, self.exchange_chunks = wide["ns_cost"], wide["exchange_chunks"]
         engine = calling_engine()
         if engine is not None:
             _refuse_unsupported(engine)
         names = {p: n for n, p in engine.module.named_parameters()} if engine else None
         groups, self.group_names = _split_groups(params, defaults, names)
-        if not isinstance(per_head_muon, bool):
-            raise ValueError(f"DistributedMuon: \"per_head_muon\": {per_head_muon!r} must be "
-                             "true or false")
-        if per_head_muon:
+        if OPTIONS["per_head"].check("per_head_muon", per_head_muon):
             groups, self.group_names = _per_head(groups, self.group_names, engine)
         super().__init__(groups, defaults)
         self.group_params = [list(g["params"]) for g in self.param_groups]
@@ -190,7 +190,7 @@ class DeepSpeedMuon(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        validate_group(group)
+        check_group(group)
         for i, p in enumerate(group["params"]):
             name = f"parameter {i} of group {len(self.param_groups) - 1}"
             if group["use_muon"]:
@@ -318,7 +318,8 @@ class DeepSpeedMuon(Optimizer):
             params = sorted(sharding.shapes, key=order.__getitem__)
             names = [self.group_names[gi][order[p]] for p in params]
         inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
-                                comm_dtype=self.comm_dtype, sharding=sharding, plan=self.plan,
+                                comm_dtype=self.comm_dtype, sharding=sharding,
+                                owner_strategy=self.plan,
                                 ns_cost=self.ns_cost, exchange_chunks=self.exchange_chunks)
         unit = _Unit(inner, flat, sharding)
         self._link_state(gi, unit)

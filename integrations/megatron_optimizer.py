@@ -36,9 +36,9 @@ from distributed_muon.integrations.megatron_checkpoint import (
 from torch import nn
 from torch.optim import Optimizer
 
-from distributed_muon.exchange import check_chunks
 from distributed_muon.layout import Block, Region
-from distributed_muon.optimizer import DistributedMuon, group_defaults
+from distributed_muon.optimizer import DistributedMuon
+from distributed_muon.options import OPTIONS, check_optimizer_wide, group_defaults, surface_default
 from distributed_muon.params import MatrixSpec
 
 # Megatron's --muon-scale-mode as (our scale, factor): Megatron's "spectral" is
@@ -48,19 +48,26 @@ SCALE_MODES = {
     "shape_scaling": ("original", 1.0),
     "unit_rms_norm": ("spectral", 1.0),
 }
-# --dmuon-* flags: option, type, default, help. Megatron rewrites a ``dist_`` prefix, so no
-# flag here starts with it.
+# --dmuon-* flags and the option of `distributed_muon.options` each sets (Megatron rewrites a
+# ``dist_`` prefix, so no flag here starts with it).
+FLAG_OPTIONS = {"ns_method": "ns_method", "ns_dtype": "ns_dtype", "comm_dtype": "comm_dtype",
+                "plan": "owner_strategy", "exchange_chunks": "exchange_chunks", "scale": "scale"}
+# Where Megatron's defaults are not the table's, and why.
+FLAG_DEFAULTS = {flag: surface_default(FLAG_OPTIONS[flag], default, why)[1:]
+                 for flag, default, why in (
+    ("ns_method", "standard", "Megatron's Muon iterates the standard way"),
+    ("ns_dtype", None, "the one --muon-fp32-matmul-prec gives (medium: bf16, high and highest: "
+                       "fp32)"),
+    ("scale", None, "the one --muon-scale-mode and --muon-extra-scale-factor give"),
+)}
+# --dmuon-* flags: type, default, help.
 FLAGS: dict[str, tuple[type, Any, str]] = {
-    "ns_method": (str, "standard", "Newton-Schulz iteration: standard or gram"),
-    "ns_dtype": (str, None, "dtype of the Newton-Schulz iteration: bf16, fp16 or fp32; default: "
-                            "the one --muon-fp32-matmul-prec gives (medium: bf16, high and "
-                            "highest: fp32)"),
-    "comm_dtype": (str, "bf16", "dtype of the gradient/update exchange: bf16 or fp32"),
-    "plan": (str, "lpt", "owner assignment: lpt (balanced by NS cost) or round_robin"),
-    "exchange_chunks": (int, 1, "pipeline the exchange with Newton-Schulz in this many chunks "
-                                "(1: one all-to-all each way)"),
-    "scale": (str, None, "shape scale (match_rms_adamw, original, spectral, none); default: "
-                         "the one --muon-scale-mode and --muon-extra-scale-factor give"),
+    **{flag: (OPTIONS[option].flag_type,
+              FLAG_DEFAULTS[flag][0] if flag in FLAG_DEFAULTS else OPTIONS[option].default,
+              OPTIONS[option].help + (f"; default: {FLAG_DEFAULTS[flag][1]}"
+                                      if flag in FLAG_DEFAULTS else ""))
+       for flag, option in FLAG_OPTIONS.items()},
+    # Megatron's own: which parameters get Muon is its rule (`megatron_parity.uses_muon`).
     "adamw": (str, None, "comma-separated parameter-name globs to update with AdamW instead "
                          "of Muon, e.g. '*position_embeddings*'"),
 }
@@ -132,14 +139,16 @@ class MegatronMuon(Optimizer):
                  marked: bool = False, adamw: Sequence[str] = (), **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
-        check_chunks(exchange_chunks)  # before Megatron builds anything around it
+        # Checked before Megatron builds anything around it.
+        wide = check_optimizer_wide({"comm_dtype": comm_dtype, "owner_strategy": plan,
+                                     "exchange_chunks": exchange_chunks})
         self.exchange_chunks = exchange_chunks
         # Which params get Muon (`megatron_parity.uses_muon`): Megatron's rule when the model
         # marks its embeddings, else by shape and name; ``adamw`` globs always go to AdamW.
         self.marked, self.adamw = marked, tuple(adamw)
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
-        self.comm_dtype, self.plan = comm_dtype, plan
+        self.comm_dtype, self.plan = wide["comm_dtype"], plan
         super().__init__(param_groups, {"lr": self.options["lr"]})
         self.model_params = [list(g["params"]) for g in self.param_groups]
         self.inner: DistributedMuon | None = None

@@ -60,7 +60,7 @@ class BenchConfig:
         note="default the optimizer's on GPUs, fp32 on CPUs")
     ns_method: str = optimizer_option("ns_method")
     comm_dtype: str = optimizer_option("comm_dtype")
-    plan: str = optimizer_option("plan")
+    plan: str = optimizer_option("owner_strategy")  # --plan: its former name, kept here
     ns_cost: str | None = optimizer_option(
         "ns_cost", note="written by scripts/bench_ns.py --cost-table")
     exchange_chunks: int = optimizer_option("exchange_chunks")
@@ -150,7 +150,7 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     for shape in shapes:
         params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
     opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
-                          comm_dtype=cfg.comm_dtype, plan=cfg.plan, ns_cost=cfg.ns_cost,
+                          comm_dtype=cfg.comm_dtype, owner_strategy=cfg.plan, ns_cost=cfg.ns_cost,
                           exchange_chunks=cfg.exchange_chunks)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)

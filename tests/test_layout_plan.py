@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_muon.integrations.fsdp2 import _chunk
+from distributed_muon.integrations.fsdp2_regions import chunk_range as _chunk
 
 from distributed_muon.layout import Block, LayoutError, Region, ShardLayout
 from distributed_muon.params import MatrixSpec

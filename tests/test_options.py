@@ -5,6 +5,7 @@ help and choices; and the table's checks are the ones that run."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_a_surface_default_needs_its_reason():
 def test_launch_flags_are_checked_by_the_table():
     with pytest.raises(ValueError, match="--exchange-chunks 0: must be an integer >= 1"):
         BenchConfig(exchange_chunks=0, device="cpu").resolved()
-    with pytest.raises(ValueError, match="--plan best: use one of"):
+    with pytest.raises(ValueError, match="--plan best: use one of"):  # owner_strategy's flag
         BenchConfig(plan="best", device="cpu").resolved()
 
 
@@ -59,3 +60,43 @@ def test_group_checks_normalize_and_name_the_option():
             check_group(group_defaults(**bad))
     with pytest.raises(ValueError, match="optimizer-wide"):
         check_group({**GROUP_OPTIONS, "comm_dtype": "bf16"})
+
+
+def test_deepspeed_json_takes_every_option_a_json_can_hold():
+    ds = pytest.importorskip("distributed_muon.integrations.deepspeed")
+    from distributed_muon.options import OPTIMIZER_WIDE
+
+    keywords = inspect.signature(ds.DeepSpeedMuon.__init__).parameters
+    wide = [n for n in keywords if n not in ("self", "params", "options")]
+    assert set(wide) == set(ds._OPTIMIZER_WIDE)
+    option_of = {json: option for option, json in ds.JSON_WIDE_NAMES.items()}
+    for name in wide:
+        assert keywords[name].default == OPTIONS[option_of.get(name, name)].default, name
+    in_json = {option_of.get(n, n) for n in ds._OPTIMIZER_WIDE}
+    assert in_json | set(ds.NOT_IN_JSON) == {*OPTIMIZER_WIDE, "per_head"}
+    assert set(ds.JSON_NAMES.values()) <= set(GROUP_OPTIONS)
+
+
+def test_distributed_muon_keywords_are_the_table():
+    from distributed_muon import DistributedMuon
+    from distributed_muon.options import GROUP_ONLY, OPTIMIZER_WIDE
+
+    keywords = inspect.signature(DistributedMuon.__init__).parameters
+    options = {n: p.default for n, p in keywords.items() if n not in ("self", "params", "unknown")}
+    assert set(options) == (set(GROUP_OPTIONS) - set(GROUP_ONLY)) | set(OPTIMIZER_WIDE)
+    assert options == {n: OPTIONS[n].default for n in options}
+    assert DistributedMuon([torch.zeros(4, 4)]).defaults == GROUP_OPTIONS
+
+
+def test_megatron_flags_are_options_with_their_reasons():
+    mo = pytest.importorskip("distributed_muon.integrations.megatron_optimizer")
+
+    for flag, (kind, default, text) in mo.FLAGS.items():
+        if flag == "adamw":  # Megatron's own: which parameters get Muon
+            continue
+        spec = OPTIONS[mo.FLAG_OPTIONS[flag]]
+        assert kind is spec.flag_type and text.startswith(spec.help), flag
+        if flag in mo.FLAG_DEFAULTS:
+            assert mo.FLAG_DEFAULTS[flag] == (default, text.split("; default: ")[1]), flag
+        else:
+            assert default == spec.default, flag

@@ -139,7 +139,7 @@ def test_plan_on_the_table_balances_measured_time(world):
 
 def fsdp2(shapes, world, options=BF16):
     """2-D matrices as FSDP2's Shard(0) holds them: a block of rows per rank."""
-    from distributed_muon.integrations.fsdp2 import _chunk
+    from distributed_muon.integrations.fsdp2_regions import chunk_range as _chunk
 
     specs = [MatrixSpec.of(s) for s in shapes]
     regions = [[[Region.flat(rank=r, replica=0, spec=sp, start=lo * sp.cols, stop=hi * sp.cols)]

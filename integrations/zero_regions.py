@@ -18,15 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distributed_muon.cluster import (
-    ModelParam,
-    ParallelLayout,
-    Rect,
-    Unit,
-    flat_rect,
-    group_ranks,
-    spec_of,
-)
+from distributed_muon import cluster
+from distributed_muon.cluster import ModelParam, ParallelLayout, Rect, Unit
 from distributed_muon.params import MatrixSpec
 
 Fragment = tuple[int, int, int]
@@ -38,7 +31,7 @@ Fragments = list[np.ndarray]
 def fragment_rect(spec: MatrixSpec, fragment: Fragment) -> Rect:
     """The region a fragment is, in its parameter's local storage (the fragment itself)."""
     start, length, _ = fragment
-    return flat_rect(spec, start, start + length)
+    return cluster.flat_rect(spec, start, start + length)
 
 
 def fragment_table(spec: MatrixSpec, fragments: np.ndarray) -> np.ndarray:
@@ -125,7 +118,7 @@ def zero_units(params: list[ModelParam], layout: ParallelLayout, stage: int) -> 
             (" experts", experts, dp // layout.ep, layout.ep, layout.ep)):
         if not group:
             continue
-        ranks = group_ranks(layout, stage, size, stride)
+        ranks = cluster.group_ranks(layout, stage, size, stride)
         numels = [math.prod(p.shape) for p in group]
         if layout.kind != "zero3":
             out.append(_unit(f"stage {stage}{label}", stage, group, ranks, copies,
@@ -143,6 +136,6 @@ def _unit(name: str, stage: int, params: list[ModelParam], ranks: np.ndarray, co
           fragments: Fragments) -> Unit:
     """One DeepSpeed optimizer unit over ``ranks``; copy ``c`` (expert groups) is on
     ``ranks + c``."""
-    specs = [spec_of(p) for p in params]
+    specs = [cluster.spec_of(p) for p in params]
     tables = [fragment_table(spec, frags) for spec, frags in zip(specs, fragments, strict=True)]
     return Unit(name, stage, [p.name for p in params], specs, tables, ranks, copies, 1)

@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations.megatron_regions import block_rect, tp_rects
 from torch import nn
 
-from distributed_muon.layout import Block, Region
+from distributed_muon.cluster import region
+from distributed_muon.layout import Region
 from distributed_muon.params import MatrixSpec, muon_param_groups
 
 SUPPORTED = ">=0.16.1,<0.20"  # megatron-core releases the tests run against (see docs/megatron.md)
@@ -251,28 +253,13 @@ class MegatronSharding:
             full = (math.prod(full[:-1]), full[-1])
         rows = full[0] if full else 1
         cols = math.prod(full[1:])
-        # Rectangles (row0, row1, col0, col1, local offset) in the parameter's own [rows, cols].
-        if info.dim is None:
-            rects = [(0, rows, 0, cols, 0)]
-        elif info.dim == 0:
-            size = rows // info.tp_size // info.stride
-            rects = []
-            for j in range(info.stride):
-                k = j * info.tp_size + info.tp_rank
-                rects.append((k * size, (k + 1) * size, 0, cols, j * size * cols))
-        else:
-            width = cols // info.tp_size
-            rects = [(0, rows, info.tp_rank * width, (info.tp_rank + 1) * width, 0)]
+        # The TP rule `dmuon plan` uses too, in the parameter's own [rows, cols].
+        rects = tp_rects(rows, cols, info.dim, info.stride, info.tp_size, info.tp_rank)
         if info.qkv is not None and spec.row_blocks == self.qkv_row_blocks(param):
             rects = _grouped(rects, info.qkv, rows, cols)
         base = info.ep_rank * rows
-        replica = info.replica
-        return [
-            Region(rank=self.rank, replica=replica, offset=offset,
-                   block=Block(row0=base + r0, row1=base + r1, col0=c0, col1=c1, start=0,
-                               stop=(r1 - r0) * (c1 - c0)))
-            for r0, r1, c0, c1, offset in rects if r1 > r0
-        ]
+        return [region(self.rank, info.replica, block_rect(rect, base))
+                for rect in rects if rect[1] > rect[0]]
 
 
 def _qkv_rows(name: str, mod: nn.Module, rows: int) -> tuple[int, ...] | None:

@@ -16,7 +16,9 @@ Three things here decide the update and are easy to get wrong:
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Iterable
+from importlib import resources
 from itertools import chain, cycle, islice, repeat
 
 import torch
@@ -25,50 +27,14 @@ from distributed_muon.params import is_embedding_or_head_name
 
 Coefficients = tuple[float, float, float]
 
-# Per-step (a, b, c) of X <- a X + b (X X^T) X + c (X X^T)^2 X, as megatron-core 0.19's Muon
-# uses them (emerging-optimizers 0.3), rounded as there (4 decimals).
+# Per-step (a, b, c) of each --muon-coefficient-type, as megatron-core 0.19's Muon uses them
+# (emerging-optimizers 0.3), rounded as there: data, kept verbatim in megatron_coefficients.json.
+_TABLE = json.loads(resources.files(__package__).joinpath("megatron_coefficients.json")
+                    .read_text())["types"]
 MEGATRON_COEFFICIENTS: dict[str, tuple[Coefficients, ...]] = {
-    # Keller Jordan's quintic, every step (our "jordan").
-    "simple": ((3.4445, -4.7750, 2.0315),),
-    # Tuned per step for 5 steps (Jordan's modded-nanogpt medium speedrun, after You Jiacheng).
-    "quintic": (
-        (4.0848, -6.8946, 2.9270),
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-    ),
-    # Polar Express (Amsel et al. 2025), the 1.01 safety factor folded in.
-    "polar_express": (
-        (8.2051, -22.9019, 16.4607),
-        (4.0664, -2.8612, 0.5184),
-        (3.9096, -2.8234, 0.5250),
-        (3.2856, -2.4153, 0.4853),
-        (2.2779, -1.6198, 0.3985),
-        (1.8726, -1.2307, 0.3585),
-        (1.8564, -1.2132, 0.3568),
-        (1.8750, -1.2500, 0.3750),
-    ),
-    # CANS (Grishina et al. 2025).
-    "cans": (
-        (8.4703, -25.1081, 18.6293),
-        (4.1828, -3.1087, 0.5806),
-        (3.9619, -2.9541, 0.5630),
-        (3.2866, -2.4647, 0.5074),
-        (2.2737, -1.6447, 0.4162),
-    ),
-    # AOL-preconditioned Newton-Schulz (Boissin et al. 2025).
-    "aol": (
-        (4.0098, -7.0585, 2.4635),
-        (3.4585, -5.5479, 2.5959),
-        (2.7573, -3.2939, 1.4254),
-        (2.7215, -3.0494, 1.3169),
-    ),
-    # DeepSeek-V4: Jordan's quintic for 8 steps, then (2, -1.5, 0.5) for 2.
-    "deepseekv4": ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2,
-}
+    name: tuple(tuple(step) for step in entry["steps"]) for name, entry in _TABLE.items()}
 # Types whose list is repeated from its start when steps > len; the others repeat their last.
-CYCLING = frozenset({"simple", "quintic", "aol"})
+CYCLING = frozenset(name for name, entry in _TABLE.items() if entry["cycles"])
 
 # --muon-fp32-matmul-prec -> ns_dtype. "medium" is Megatron's bf16 iteration (the momentum is
 # normalized in fp32, then cast); "high" (TF32) and "highest" compute in fp32.

@@ -33,10 +33,11 @@ from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
 from distributed_muon.integrations.megatron_checkpoint import (
     model_space_checkpoints as _model_space_checkpoints,
 )
+from distributed_muon.integrations.megatron_regions import restrict_regions
 from torch import nn
 from torch.optim import Optimizer
 
-from distributed_muon.layout import Block, Region
+from distributed_muon.layout import Region
 from distributed_muon.optimizer import DistributedMuon
 from distributed_muon.options import OPTIONS, check_optimizer_wide, group_defaults, surface_default
 from distributed_muon.params import MatrixSpec
@@ -106,21 +107,8 @@ class _MainSharding:
         regions = self.base.regions(param, spec)
         if main[1] is None:
             return regions
-        replica = self.replicas[id(param)]
-        cut = (_restrict(r, *main[1], replica) for r in regions)
-        return [r for r in cut if r is not None]
-
-
-def _restrict(region: Region, start: int, stop: int, replica: int) -> Region | None:
-    """The part of ``region`` in local storage ``[start, stop)``, re-offset to ``start``."""
-    lo = max(start, region.offset)
-    hi = min(stop, region.offset + region.block.size)
-    if lo >= hi:
-        return None
-    b = region.block
-    block = Block(row0=b.row0, row1=b.row1, col0=b.col0, col1=b.col1,
-                  start=b.start + lo - region.offset, stop=b.start + hi - region.offset)
-    return Region(rank=region.rank, replica=replica, block=block, offset=lo - start)
+        # The rule `dmuon plan` cuts its distributed-optimizer tables by.
+        return restrict_regions(regions, *main[1], self.replicas[id(param)])
 
 
 class MegatronMuon(Optimizer):

@@ -9,7 +9,9 @@ distributed optimizer's ranges inside them, and the tables `dmuon plan` builds f
   data-parallel rank; a DP rank's main shard of a parameter is a flat range of the
   parameter's local storage. The model here is one bucket without Megatron's alignment
   padding (params at multiples of 64 values, the bucket end at a multiple of lcm(dp, 128)).
-- `restrict_rows`: regions cut to such a range (what the main shard holds of them).
+- `restrict_rows`: regions cut to such a range (what the main shard holds of them);
+  `restrict_regions`, the same rule for a live adapter's `Region`s (`MegatronMuon`'s main
+  shards).
 
 tests/test_megatron_regions.py checks `tp_rects` against `MegatronSharding` on a real
 megatron-core parallel state (TP 2, EP 2, on gloo).
@@ -27,9 +29,11 @@ from distributed_muon.cluster import (
     Rect,
     Unit,
     group_ranks,
+    region,
     spec_of,
     table,
 )
+from distributed_muon.layout import Region, region_table
 from distributed_muon.params import MatrixSpec
 
 # A whole block a TP rank holds: (row0, row1, col0, col1, offset in local storage).
@@ -91,6 +95,15 @@ def restrict_rows(rows: np.ndarray, start: int | np.ndarray,
     out = rows.copy()
     out[:, 6], out[:, 7], out[:, 8] = begin + lo - offset, begin + hi - offset, lo - start
     return out[lo < hi]
+
+
+def restrict_regions(regions: Sequence[Region], start: int, stop: int,
+                     replica: int) -> list[Region]:
+    """`restrict_rows` for a live adapter: ``regions`` cut to local storage ``[start, stop)``
+    (a distributed-optimizer main shard), each now part of copy ``replica``."""
+    rows = restrict_rows(region_table(regions), start, stop)
+    rows[:, 1] = replica
+    return [region(rank, rep, tuple(rect)) for rank, rep, *rect in rows.tolist()]
 
 
 def megatron_units(params: list[ModelParam], layout: ParallelLayout, stage: int) -> list[Unit]:

@@ -1,5 +1,7 @@
 """`dmuon plan`'s Megatron tables equal what `MegatronSharding` reports on a real megatron-core
-parallel state (TP 2 x DP 2, EP 2 with expert-TP 1, 4 gloo ranks on CPU); distributed-optimizer
+parallel state (TP 2 x DP 2, EP 2 with expert-TP 1, 4 gloo ranks on CPU), and what
+`MegatronMuon`'s main-shard adapter (`_MainSharding`, with the replica ids `_shared_replicas`
+agrees on over data parallel) reports of distributed-optimizer shards; distributed-optimizer
 ranges cut regions exactly where local storage is cut.
 
 Megatron's distributed optimizer itself needs CUDA, so its buffer ranges are checked here
@@ -32,6 +34,8 @@ PARAMS = [ModelParam("col.weight", (8, D), 0, tp="col"),
 LIVE = {"col.weight": "col.weight", "row.weight": "row.weight",
         "router.weight": "router.weight", "experts[0::2]": "experts.0.weight",
         "experts[1::2]": "experts.1.weight"}
+# The distributed optimizer's buffers, in the plan's parameter order: dense, then experts.
+BUFFERS = (("col.weight", "row.weight", "router.weight"), ("experts.0.weight", "experts.1.weight"))
 
 
 def _model():
@@ -73,9 +77,39 @@ def _worker(rank, world):
         for name, p in model.named_parameters():
             spec = MatrixSpec.of(tuple(sharding.shape(p)))
             out[name] = region_table(sharding.regions(p, spec))
+        out["do"] = _main_shard_regions(model, sharding)
         return out
     finally:
         ps.destroy_model_parallel()
+
+
+def _main_shard_regions(model, sharding):
+    """What `MegatronMuon` reports of each parameter's distributed-optimizer main shard: its
+    ranges from the buffer arithmetic (`buffer_layout`), cut and given replica ids by the live
+    `_MainSharding` / `_shared_replicas` (an all-reduce over each buffer's DP group)."""
+    import torch.distributed as dist
+    from distributed_muon.integrations.megatron_optimizer import _MainSharding, _shared_replicas
+    from megatron.core import parallel_state as ps
+
+    from distributed_muon.layout import region_table
+    from distributed_muon.params import MatrixSpec
+
+    named = dict(model.named_parameters())
+    out = {}
+    for names, dp in zip(BUFFERS, (ps.get_data_parallel_group(),
+                                   ps.get_expert_data_parallel_group()), strict=True):
+        params = [named[n] for n in names]
+        bases, part = buffer_layout([p.numel() for p in params], dist.get_world_size(dp))
+        mains = {}
+        for p, base in zip(params, bases, strict=True):
+            lo, hi = (int(v) for v in range_in_param(base, p.numel(), part, dist.get_rank(dp)))
+            if lo < hi:
+                mains[id(p)] = (p.detach().view(-1)[lo:hi], (lo, hi))
+        main = _MainSharding(sharding, mains, _shared_replicas(sharding, [params], dp),
+                             torch.device("cpu"))
+        for name, p in zip(names, params, strict=True):
+            out[name] = region_table(main.regions(p, MatrixSpec.of(tuple(sharding.shape(p)))))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +124,19 @@ def test_planned_megatron_tables_are_the_live_ones(live):
     for name, planned in zip(unit.names, unit.tables, strict=True):
         for rank, got in enumerate(live):
             assert np.array_equal(got[LIVE[name]], planned[planned[:, 0] == rank]), (name, rank)
+
+
+def test_planned_distributed_optimizer_tables_are_the_live_ones(live):
+    """The plan's ``megatron_do`` tables: the live main shards' regions and replica ids."""
+    (unit,) = megatron_units(PARAMS, ParallelLayout("megatron_do", WORLD, tp=TP, ep=EP), 0)
+    assert sorted(unit.names) == sorted(LIVE)
+    cut = False
+    for name, planned in zip(unit.names, unit.tables, strict=True):
+        for rank, got in enumerate(live):
+            mine = planned[planned[:, 0] == rank]
+            assert np.array_equal(got["do"][LIVE[name]], mine), (name, rank)
+            cut |= bool((mine[:, 6] > 0).any() or (mine[:, 8] > 0).any())
+    assert cut, "some main shard must start inside a TP block"
 
 
 def test_strided_column_blocks_are_the_live_ones(live):

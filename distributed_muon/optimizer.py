@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from distributed_muon.diagnostics import PHASES, Diagnostics, matrix_labels
 from distributed_muon.dtypes import NS_DTYPES, DTypeLike, dtype_name, parse_dtype
 from distributed_muon.exchange import Batch, Exchange, count_once
 from distributed_muon.layout import ShardLayout
+from distributed_muon.linked import ExternalState, GroupOverrides, StateOf, step_groups
 from distributed_muon.options import (
     GROUP_OPTIONS,
     RENAMED_OPTIONS,
@@ -108,6 +109,10 @@ class DistributedMuon(Optimizer):
     about equal NS cost: chunk k+1's matrices travel to their owners while chunk k is
     orthogonalized, and chunk k's updates travel back meanwhile (2K all-to-alls a step
     instead of 2; the same update bit for bit on CPU; see `Exchange.run`).
+    ``group_overrides`` and ``external_state`` are for framework adapters whose own optimizer
+    holds the param groups its schedulers write and the state its checkpoints save: this one
+    then reads its step options and its state from there (`distributed_muon.linked`), and its
+    own `state_dict`/`load_state_dict` refuse (save and load the adapter's).
 
     A step whose gradients hold inf/NaN on any rank is skipped on every rank with all state
     untouched; ``skipped_steps`` counts them, ``last_step_skipped`` tells about the last step,
@@ -142,6 +147,8 @@ class DistributedMuon(Optimizer):
         diagnostics_every: int = 0,
         ns_cost: NSCost | str | os.PathLike | None = None,
         exchange_chunks: int = 1,
+        group_overrides: GroupOverrides | None = None,
+        external_state: StateOf | None = None,
         **unknown: Any,
     ) -> None:
         owner_strategy = take_renamed_option(unknown, "plan", owner_strategy, "lpt")
@@ -156,6 +163,10 @@ class DistributedMuon(Optimizer):
             "exchange_chunks": exchange_chunks})
         self.comm_dtype = wide["comm_dtype"]
         super().__init__(params, defaults)
+        self._group_overrides = group_overrides
+        if external_state is not None:
+            self.state = ExternalState(  # type: ignore[assignment]
+                lambda: [p for g in self.param_groups for p in g["params"]], external_state)
         # Optimizer-wide choices, kept to rebuild the layout when the parameters change.
         self._sharding_arg, self._process_group = sharding, process_group
         self._owner_strategy = owner_strategy
@@ -343,6 +354,7 @@ class DistributedMuon(Optimizer):
         a DTensor of that parameter's placements, sharing storage with the local state. So
         ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) knows
         which shard each rank holds and can reshard it; no collective runs."""
+        self._refuse_external_state("state_dict")
         out = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         for index, state in out["state"].items():
@@ -355,6 +367,7 @@ class DistributedMuon(Optimizer):
         """Load a state dict of `state_dict`'s form (DTensor state, possibly resharded by torch
         DCP) or of the older one (each rank's local state); the state must match each
         parameter's local shard, else nothing is loaded."""
+        self._refuse_external_state("load_state_dict")
         before = self.state, self.param_groups  # torch's load builds new ones of each
         try:
             super().load_state_dict(state_dict)
@@ -366,6 +379,11 @@ class DistributedMuon(Optimizer):
         except Exception:
             self.state, self.param_groups = before
             raise
+
+    def _refuse_external_state(self, call: str) -> None:
+        if isinstance(self.state, ExternalState):
+            raise RuntimeError(f"DistributedMuon.{call}: this optimizer's state lives in its "
+                               "framework adapter's optimizer (external_state): call that one's")
 
     def plan_summary(self) -> str:
         """Per-rank planned NS cost, imbalance and bytes per step (see `OwnershipPlan`)."""
@@ -433,7 +451,8 @@ class DistributedMuon(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
         self.sync_layout()
-        for gi, group in enumerate(self.param_groups):
+        groups = step_groups(self.param_groups, self._group_overrides)
+        for gi, group in enumerate(groups):
             if ns_options(group) != self._ns_options[gi]:
                 raise RuntimeError(
                     f"param group {gi} changed one of {tuple(NS_OPTION_KEYS.values())} after "
@@ -465,12 +484,13 @@ class DistributedMuon(Optimizer):
         if diag is not None:
             diag.begin()
         with self.exchange.in_use():
-            self._momentum(grads)
+            self._momentum(grads, groups)
             clock.tick("momentum")
             # to owners -> NS + scale per owned (sub-)batch -> to holders, pipelined in chunks.
-            self.exchange.run(functools.partial(self._orthogonalize, diag=diag), clock.tick)
-            self._apply_muon(grads)
-        self._adamw_step(adamw_grads)
+            self.exchange.run(functools.partial(self._orthogonalize, groups=groups, diag=diag),
+                              clock.tick)
+            self._apply_muon(grads, groups)
+        self._adamw_step(adamw_grads, groups)
         if self.qk_clip is not None:  # after the update, on local rows only
             for weight, row_factor in self.qk_clip.step(self.sharding.group,
                                                         self.exchange.local.device):
@@ -485,7 +505,8 @@ class DistributedMuon(Optimizer):
             diag.finish(self._steps)
         return loss
 
-    def _orthogonalize(self, batch: Batch, diag: Diagnostics | None) -> None:
+    def _orthogonalize(self, batch: Batch, groups: Sequence[Mapping[str, Any]],
+                       diag: Diagnostics | None) -> None:
         """``batch.view``: momentum updates in, scaled orthogonalized updates out, in calls of
         at most `_NS_CALL_VALUES` values (at least one matrix): the workspace of Newton-Schulz
         is bounded by that, not by the batch, and large matrices keep the GPU busy anyway."""
@@ -497,13 +518,13 @@ class DistributedMuon(Optimizer):
             ortho = orthogonalize(view, batch.options)
             if diag is not None:  # u is still in view
                 diag.record_batch(matrices, view, ortho, [
-                    self._group_of_matrix(mid)["lr"] * scale for mid in matrices],
+                    groups[self._group_index_of_matrix(mid)]["lr"] * scale for mid in matrices],
                     sample=matrices[0] in self._sampled)
             view.copy_(ortho.mul_(scale))
         self.ns_matrices += len(batch.matrices)
 
-    def _group_of_matrix(self, matrix: int) -> dict[str, Any]:
-        return self.param_groups[self._muon_group_of[self.layout.matrices[matrix].param]]
+    def _group_index_of_matrix(self, matrix: int) -> int:
+        return self._muon_group_of[self.layout.matrices[matrix].param]
 
     def _all_finite(self, grads: list[torch.Tensor | None]) -> bool:
         present = [g for g in grads if g is not None and g.numel() > 0]
@@ -516,14 +537,15 @@ class DistributedMuon(Optimizer):
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.sharding.group)
         return bool(ok.item())
 
-    def _momentum(self, grads: list[torch.Tensor | None]) -> None:
+    def _momentum(self, grads: list[torch.Tensor | None],
+                  groups: Sequence[Mapping[str, Any]]) -> None:
         """Update momentum of Muon parameters with a gradient; write ``u`` to the exchange."""
         views = self.exchange.local_views
         missing = [views[i] for i, g in enumerate(grads) if g is None]
         if missing:  # no gradient (an expert without tokens): send zeros, keep state
             torch._foreach_zero_(missing)
         for gi, idx in self._muon_by_group(grads):
-            group = self.param_groups[gi]
+            group = groups[gi]
             mu, form = group["momentum"], group["momentum_form"]
             g = [grads[i] for i in idx]
             bufs = []
@@ -535,10 +557,11 @@ class DistributedMuon(Optimizer):
             momentum_(bufs, g, mu, form)
             nesterov_into([views[i] for i in idx], g, bufs, mu, form, group["nesterov"])
 
-    def _apply_muon(self, grads: list[torch.Tensor | None]) -> None:
+    def _apply_muon(self, grads: list[torch.Tensor | None],
+                    groups: Sequence[Mapping[str, Any]]) -> None:
         views = self.exchange.local_views
         for gi, idx in self._muon_by_group(grads):
-            group = self.param_groups[gi]
+            group = groups[gi]
             params = [self.sharding.local(self._muon[i]) for i in idx]
             muon_update_(params, [views[i] for i in idx], group["lr"], group["weight_decay"])
 
@@ -550,13 +573,14 @@ class DistributedMuon(Optimizer):
                 by_group.setdefault(self._muon_group_of[i], []).append(i)
         return list(by_group.items())
 
-    def _adamw_step(self, grads: list[torch.Tensor | None]) -> None:
+    def _adamw_step(self, grads: list[torch.Tensor | None],
+                    groups: Sequence[Mapping[str, Any]]) -> None:
         by_group: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for (gi, p), g in zip(self._adamw, grads, strict=True):
             if g is not None:
                 by_group.setdefault(gi, []).append((p, g))
         for gi, pairs in by_group.items():
-            group = self.param_groups[gi]
+            group = groups[gi]
             wd = group["weight_decay"] if group["adamw_weight_decay"] is None \
                 else group["adamw_weight_decay"]
             m, v, steps = [], [], []
@@ -654,7 +678,7 @@ def _warn_unnamed_matrices(groups: list[dict[str, Any]]) -> None:
             "model.named_parameters()) so those get AdamW", stacklevel=3)
 
 
-def _adamw_lr(group: dict[str, Any]) -> float:
+def _adamw_lr(group: Mapping[str, Any]) -> float:
     """AdamW's lr: ``lr``, or ``adamw_lr`` scaled as an LR scheduler has scaled ``lr``; 0 when
     ``lr`` is 0 (a frozen step, e.g. torch DCP's state initialization, moves nothing)."""
     if group["adamw_lr"] is None or group["lr"] == 0:
@@ -663,7 +687,7 @@ def _adamw_lr(group: dict[str, Any]) -> float:
     return group["adamw_lr"] * (group["lr"] / initial if initial else 1.0)
 
 
-def ns_options(group: dict[str, Any]) -> NSOptions:
+def ns_options(group: Mapping[str, Any]) -> NSOptions:
     """The `NSOptions` of a (validated) param group: its matrices' batching key."""
     values = {field: group[key] for field, key in NS_OPTION_KEYS.items()}
     values["dtype"] = parse_dtype(values["dtype"], "ns_dtype", NS_DTYPES)

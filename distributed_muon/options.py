@@ -190,6 +190,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "optimizer", _ns_cost, str),
     Option("exchange_chunks", 1, "pipeline the exchange with Newton-Schulz in this many chunks "
            "(1: one all-to-all each way)", "optimizer", _chunks, int),
+    # For framework adapters (`distributed_muon.linked`): set in code, never from a config.
+    Option("group_overrides", None, "for adapters: param group i's step options, read from the "
+           "adapter's own optimizer", "optimizer"),
+    Option("external_state", None, "for adapters: each parameter's state, kept in the "
+           "adapter's own optimizer", "optimizer"),
     Option("per_head", False, "Newton-Schulz per attention head (Q, K, V rows split into one "
            "matrix per head)", "groups", _bool, bool),
 )}

@@ -64,8 +64,10 @@ from distributed_muon.sharding import Sharding
 # Group keys DeepSpeed adds or reads (MoE); everything else in a group is a DistributedMuon option.
 _DEEPSPEED_KEYS = ("moe", "name")
 # The optimizer-wide options the JSON config can set: not process groups or shardings (no JSON
-# holds one; DeepSpeed's own are used) nor diagnostics (not wired per flat partition yet).
-NOT_IN_JSON = ("process_group", "sharding", "diagnostics_every")
+# holds one; DeepSpeed's own are used), nor the links this adapter sets itself, nor diagnostics
+# (not wired per flat partition yet).
+NOT_IN_JSON = ("process_group", "sharding", "group_overrides", "external_state",
+               "diagnostics_every")
 # JSON keys spelled otherwise than the option: DeepSpeed's own per_head_muon, and plan (the
 # former name of owner_strategy, kept in the JSON so far).
 JSON_WIDE_NAMES = {"owner_strategy": "plan", "per_head": "per_head_muon"}
@@ -225,7 +227,6 @@ class DeepSpeedMuon(Optimizer):
             if setup_only:
                 continue
             for unit in units:
-                unit.optimizer.param_groups[0].update(_options(group))
                 unit.optimizer.step()
                 if self.qk_clip is not None:
                     self._clip(gi, unit)
@@ -251,7 +252,6 @@ class DeepSpeedMuon(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._groups = list(self.param_groups)  # torch rebuilds the group dicts
-        self._link_all()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus ``dmuon_fragments``, the map `convert_checkpoint` rebuilds
@@ -290,7 +290,6 @@ class DeepSpeedMuon(Optimizer):
                 _replace_state(self.state[flat], state)
             for p, name in zip(params, names, strict=True):
                 write_low_precision(p, weights[name])
-        self._link_all()
 
     # ------------------------------------------------------------------ units
 
@@ -317,32 +316,35 @@ class DeepSpeedMuon(Optimizer):
             order = {p: i for i, p in enumerate(self.group_params[gi])}
             params = sorted(sharding.shapes, key=order.__getitem__)
             names = [self.group_names[gi][order[p]] for p in params]
+        # The unit reads its step options from this optimizer's group (which DeepSpeed's LR
+        # scheduler writes) and keeps its state in this optimizer's (what DeepSpeed saves).
         inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
                                 comm_dtype=self.comm_dtype, sharding=sharding,
                                 owner_strategy=self.plan,
-                                ns_cost=self.ns_cost, exchange_chunks=self.exchange_chunks)
-        unit = _Unit(inner, flat, sharding)
-        self._link_state(gi, unit)
-        return unit
+                                ns_cost=self.ns_cost, exchange_chunks=self.exchange_chunks,
+                                group_overrides=lambda _: self._groups[gi],
+                                external_state=self._state_of(gi, flat, sharding))
+        return _Unit(inner, flat, sharding)
 
-    def _link_all(self) -> None:
-        for (gi, _), unit in self._units.items():
-            self._link_state(gi, unit)
+    def _state_of(self, gi: int, flat: torch.Tensor | None,
+                  sharding: Sharding) -> Callable[[torch.Tensor], dict[str, Any]]:
+        """Where a unit's state lives in ``self.state``, looked up at each access (a load
+        replaces ``self.state``): per parameter without ZeRO and for AdamW's flat partitions;
+        for a Muon flat partition, each parameter's momentum is its range of the partition's."""
+        if flat is None or not self._groups[gi]["use_muon"]:
+            return lambda p: self.state[p]
+        self._flat_momentum(flat)  # exists from the unit's first (setup) step: DeepSpeed maps it
 
-    def _link_state(self, gi: int, unit: _Unit) -> None:
-        """Make the unit's state live in this optimizer's ``state`` (what DeepSpeed saves):
-        per parameter without ZeRO, per flat partition otherwise."""
-        inner = unit.optimizer
-        if unit.flat is None or not self._groups[gi]["use_muon"]:
-            for p in inner.param_groups[0]["params"]:
-                inner.state[p] = self.state[p]
-            return
-        state = self.state[unit.flat]
+        def state_of(p: torch.Tensor) -> dict[str, Any]:
+            _, length, offset = sharding.fragments.get(p, (0, 0, 0))  # none here: empty
+            return {"momentum_buffer": self._flat_momentum(flat).narrow(0, offset, length)}
+        return state_of
+
+    def _flat_momentum(self, flat: torch.Tensor) -> torch.Tensor:
+        state = self.state[flat]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(unit.flat)
-        buf = state["momentum_buffer"]
-        for p, (_, length, offset) in unit.sharding.fragments.items():
-            inner.state[p] = {"momentum_buffer": buf.narrow(0, offset, length)}
+            state["momentum_buffer"] = torch.zeros_like(flat)
+        return state["momentum_buffer"]
 
 
 def json_options(params: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ orthogonalizes three matrices: all query rows, all key rows, all value rows. Whe
 asks for that split (``row_blocks`` = `MegatronSharding.qkv_row_blocks`), the adapter describes
 the weight in the grouped row order ``[Q; K; V]`` (its regions say where each group's rows sit
 in local storage), so the core sees three contiguous row blocks. Any other ``row_blocks`` keep
-Megatron's storage order.
+Megatron's storage order: per-head NS (`megatron_heads`) splits attention weights into one
+block per head in that order.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_muon.integrations.megatron_heads import (
+    HeadGeometry,
+    geometry_row_blocks,
+    head_geometry,
+    per_head_blocks,
+)
 from distributed_muon.integrations.megatron_regions import block_rect, tp_rects
 from torch import nn
 
@@ -59,6 +66,7 @@ class _Info:
     ep_size: int  # > 1: stacked over the EP ranks, this rank's slot is ep_rank
     ep_rank: int
     qkv: tuple[int, ...] | None  # rows of each section (q, [gate,] k, v) of one query group
+    head: HeadGeometry | None  # an attention weight's heads (per-head NS)
 
 
 def _global_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -138,6 +146,7 @@ class MegatronSharding:
         self._tp_group = tp_group
         self._expert_group = expert_group
         self._expert_tp_ep_group = expert_tp_ep_group
+        self.chunks = [model] if isinstance(model, nn.Module) else list(model)
         self._info: dict[int, _Info] = {}
         for mod_name, mod in _modules(model):
             for pname, p in mod.named_parameters(recurse=False):
@@ -212,9 +221,10 @@ class MegatronSharding:
             if qkv is not None and sharded and (dim != 0 or stride != 1):
                 raise ValueError(f"{name}: a fused QKV weight must be column-parallel with stride "
                                  f"1 (got partition_dim={dim}, partition_stride={stride})")
+        head = head_geometry(name, mod, qkv) if p.ndim == 2 and ep_size == 1 else None
         return _Info(name=name, shape=tuple(shape), dim=dim, stride=stride, tp_size=tp_size,
                      tp_rank=tp_rank, replica=min(owners), ep_size=ep_size, ep_rank=ep_rank,
-                     qkv=qkv)
+                     qkv=qkv, head=head)
 
     def info(self, param: torch.Tensor) -> _Info:
         try:
@@ -234,6 +244,16 @@ class MegatronSharding:
             return None
         groups = info.shape[-2] // sum(info.qkv)
         return tuple(groups * r for r in info.qkv)
+
+    def head_row_blocks(self, param: torch.Tensor) -> tuple[int, ...] | None:
+        """``row_blocks`` of per-head NS for a Megatron attention weight (fused QKV, MLA query
+        and key-value up-projections): one block per head of the full matrix, in storage
+        order; None for other parameters. ValueError when its rows are not the config's
+        heads."""
+        info = self.info(param)
+        if info.head is None:
+            return None
+        return geometry_row_blocks(info.name, info.shape[-2], info.head)
 
     # ------------------------------------------------------------ the Sharding protocol
 
@@ -311,6 +331,7 @@ def megatron_param_groups(
     sharding: MegatronSharding,
     *,
     split_qkv: bool = True,
+    per_head: bool = False,
     adamw: Iterable[str] = (),
     adamw_options: dict[str, Any] | None = None,
     **muon_options: Any,
@@ -323,7 +344,8 @@ def megatron_param_groups(
     `distributed_muon.params.is_embedding_or_head_name`), norms and biases -> AdamW. Names
     matching an ``adamw`` glob -> AdamW either way. ``split_qkv`` (Megatron's
     ``--muon-split-qkv``, on by default there too) orthogonalizes Q, K and V of every fused
-    ``linear_qkv`` weight apart."""
+    ``linear_qkv`` weight apart. ``per_head`` (``--dmuon-per-head``) orthogonalizes every head
+    of the attention weights apart instead (`megatron_heads`)."""
     from distributed_muon.integrations.megatron_parity import marks_embeddings, uses_muon
 
     chunks = [model] if isinstance(model, nn.Module) else list(model)
@@ -331,24 +353,29 @@ def megatron_param_groups(
         raise ValueError("megatron_param_groups takes one model chunk at a time; concatenate "
                          "the groups of each chunk (the sharding covers all of them)")
     named = [(n, p) for n, p in chunks[0].named_parameters() if p.requires_grad]
-    if marks_embeddings(p for _, p in named):
-        return _marked_groups(named, sharding, split_qkv, tuple(adamw), adamw_options or {},
+    marked, adamw = marks_embeddings(p for _, p in named), tuple(adamw)
+    name_of = {id(p): n for n, p in named}
+    heads = per_head_blocks(chunks, sharding, lambda p: uses_muon(
+        p, name_of[id(p)], tuple(sharding.shape(p)), marked=marked, adamw=adamw)) \
+        if per_head else {}
+
+    def row_blocks(p: torch.Tensor) -> tuple[int, ...] | None:
+        return heads.get(id(p)) or (sharding.qkv_row_blocks(p) if split_qkv else None)
+
+    if marked:
+        return _marked_groups(named, sharding, row_blocks, adamw, adamw_options or {},
                               muon_options, uses_muon)
-    adamw = list(adamw)
-    row_blocks = {}
-    for name, p in named:
-        if split_qkv and (blocks := sharding.qkv_row_blocks(p)) is not None:
-            row_blocks[name] = blocks
-    return muon_param_groups(chunks[0], adamw=adamw, row_blocks=row_blocks,
+    blocks = {name: b for name, p in named if (b := row_blocks(p)) is not None}
+    return muon_param_groups(chunks[0], adamw=list(adamw), row_blocks=blocks,
                              adamw_options=adamw_options, **muon_options)
 
 
-def _marked_groups(named, sharding, split_qkv, adamw, adamw_options, muon_options, uses_muon):
+def _marked_groups(named, sharding, row_blocks, adamw, adamw_options, muon_options, uses_muon):
     """Megatron's rule (see `megatron_param_groups`): Muon groups by row blocks, then AdamW."""
     groups: dict[Any, dict[str, Any]] = {}
     for name, p in named:
         if uses_muon(p, name, tuple(sharding.shape(p)), marked=True, adamw=adamw):
-            blocks = sharding.qkv_row_blocks(p) if split_qkv else None
+            blocks = row_blocks(p)
             key = ("muon", blocks)
             options = {"use_muon": True, "row_blocks": blocks, **muon_options}
         else:

@@ -33,6 +33,7 @@ from distributed_muon.integrations.megatron import SUPPORTED, MegatronSharding
 from distributed_muon.integrations.megatron_checkpoint import (
     model_space_checkpoints as _model_space_checkpoints,
 )
+from distributed_muon.integrations.megatron_heads import per_head_blocks
 from distributed_muon.integrations.megatron_regions import restrict_regions
 from torch import nn
 from torch.optim import Optimizer
@@ -52,7 +53,8 @@ SCALE_MODES = {
 # --dmuon-* flags and the option of `distributed_muon.options` each sets (Megatron rewrites a
 # ``dist_`` prefix, so no flag here starts with it).
 FLAG_OPTIONS = {"ns_method": "ns_method", "ns_dtype": "ns_dtype", "comm_dtype": "comm_dtype",
-                "plan": "owner_strategy", "exchange_chunks": "exchange_chunks", "scale": "scale"}
+                "plan": "owner_strategy", "exchange_chunks": "exchange_chunks", "scale": "scale",
+                "per_head": "per_head"}
 # Where Megatron's defaults are not the table's, and why.
 FLAG_DEFAULTS = {flag: surface_default(FLAG_OPTIONS[flag], default, why)[1:]
                  for flag, default, why in (
@@ -118,13 +120,15 @@ class MegatronMuon(Optimizer):
     wrapper swaps in its main params; `bind` then builds the `DistributedMuon` that steps them.
     ``options`` are `DistributedMuon` group options; ``scale_factor`` multiplies Muon updates
     (Megatron's ``--muon-extra-scale-factor`` and spectral mode): applied as ``lr * f`` with
-    weight decay ``wd / f``, the same decoupled update.
+    weight decay ``wd / f``, the same decoupled update. ``per_head`` (``--dmuon-per-head``):
+    the stage's attention weights are orthogonalized one head at a time (`megatron_heads`).
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
                  split_qkv: bool = True, scale_factor: float = 1.0,
                  comm_dtype: str = "bf16", plan: str = "lpt", exchange_chunks: int = 1,
-                 marked: bool = False, adamw: Sequence[str] = (), **options: Any) -> None:
+                 marked: bool = False, adamw: Sequence[str] = (), per_head: bool = False,
+                 **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
         # Checked before Megatron builds anything around it.
@@ -137,6 +141,9 @@ class MegatronMuon(Optimizer):
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
         self.comm_dtype, self.plan = wide["comm_dtype"], plan
+        # Over the whole stage (every chunk), so the dense and the expert optimizer agree.
+        self.head_blocks = (per_head_blocks(sharding.chunks, sharding, self._uses_muon)
+                            if OPTIONS["per_head"].check("per_head", per_head) else {})
         super().__init__(param_groups, {"lr": self.options["lr"]})
         self.model_params = [list(g["params"]) for g in self.param_groups]
         self.inner: DistributedMuon | None = None
@@ -179,9 +186,11 @@ class MegatronMuon(Optimizer):
         muon, adamw = [], []
         for p in params:
             info = self.sharding.info(p)
-            matrix = parity.uses_muon(p, info.name, info.shape, marked=self.marked,
-                                      adamw=self.adamw)
-            blocks = self.sharding.qkv_row_blocks(p) if matrix and self.split_qkv else None
+            matrix = self._uses_muon(p)
+            blocks = None
+            if matrix:  # a head split is finer than the Q, K, V one
+                blocks = self.head_blocks.get(id(p)) or (
+                    self.sharding.qkv_row_blocks(p) if self.split_qkv else None)
             if blocks is not None:
                 yield {"params": [p], "param_names": [info.name], "use_muon": True,
                        "row_blocks": blocks}, True
@@ -190,6 +199,10 @@ class MegatronMuon(Optimizer):
         for chosen, use in ((muon, True), (adamw, False)):
             yield {"params": [p for p, _ in chosen], "param_names": [n for _, n in chosen],
                    "use_muon": use}, use
+
+    def _uses_muon(self, p: torch.Tensor) -> bool:
+        info = self.sharding.info(p)
+        return parity.uses_muon(p, info.name, info.shape, marked=self.marked, adamw=self.adamw)
 
     def _link(self) -> None:
         """The inner optimizer's state lives in this one's, keyed by main param (what
@@ -402,8 +415,11 @@ def add_dmuon_arguments(parser: Any) -> Any:
     internals.add_optimizer_choice(parser, "dmuon")
     group = parser.add_argument_group("distributed_muon", "--optimizer dmuon only")
     for name, (kind, default, text) in FLAGS.items():
-        group.add_argument(f"--dmuon-{name.replace('_', '-')}", type=kind, default=default,
-                           dest=f"dmuon_{name}", help=text)
+        flag, dest = f"--dmuon-{name.replace('_', '-')}", f"dmuon_{name}"
+        if kind is bool:  # a switch, as dmuon train's --per-head
+            group.add_argument(flag, action="store_true", default=default, dest=dest, help=text)
+        else:
+            group.add_argument(flag, type=kind, default=default, dest=dest, help=text)
     return parser
 
 

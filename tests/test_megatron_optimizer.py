@@ -63,6 +63,7 @@ def test_megatron_defaults_map_to_the_same_update():
     assert opts["lr"] == 2e-3 and opts["weight_decay"] == 0.1
     assert opts["split_qkv"] is True and opts["ns_dtype"] == "bf16"  # fp32_matmul_prec medium
     assert (opts["ns_method"], opts["comm_dtype"], opts["plan"]) == ("standard", "bf16", "lpt")
+    assert opts["per_head"] is False
 
 
 @pytest.mark.parametrize("mode, factor, want", [
@@ -108,6 +109,8 @@ def test_argument_parser_gets_dmuon_and_its_flags():
     mo.add_dmuon_arguments(parser)
     args = parser.parse_args(["--optimizer", "dmuon", "--dmuon-ns-method", "gram"])
     assert (args.optimizer, args.dmuon_ns_method, args.dmuon_plan) == ("dmuon", "gram", "lpt")
+    assert args.dmuon_per_head is False
+    assert parser.parse_args(["--dmuon-per-head"]).dmuon_per_head is True  # a switch
     assert not any(a.dest.startswith("dist_") for a in parser._actions)
 
 

@@ -100,3 +100,20 @@ def test_megatron_flags_are_options_with_their_reasons():
             assert mo.FLAG_DEFAULTS[flag] == (default, text.split("; default: ")[1]), flag
         else:
             assert default == spec.default, flag
+
+
+def test_per_head_reaches_every_training_surface():
+    """The ``groups``-scope option (how param groups are built) is a key or flag of every
+    surface that builds groups: the DeepSpeed JSON, ``dmuon train`` (every backend) and
+    Megatron's ``--dmuon-per-head``."""
+    from distributed_muon.launch.backends import BACKENDS
+
+    grouping = [n for n, o in OPTIONS.items() if o.scope == "groups"]
+    assert grouping == ["per_head"]
+    train = {f.metadata.get("option") for f in dataclasses.fields(TrainConfig)}
+    assert "per_head" in train
+    assert all(BACKENDS[name].supports_per_head for name in BACKENDS)
+    ds = pytest.importorskip("distributed_muon.integrations.deepspeed")
+    assert ds.JSON_WIDE_NAMES["per_head"] == "per_head_muon"
+    mo = pytest.importorskip("distributed_muon.integrations.megatron_optimizer")
+    assert mo.FLAG_OPTIONS["per_head"] == "per_head"

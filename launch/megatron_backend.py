@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class Megatron(Backend):
     name = "megatron"
     checkpoint_format = "megatron_torch_dist"
+    supports_per_head = True  # as --dmuon-per-head
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -77,6 +78,7 @@ class Megatron(Backend):
         # The other backends' shape scale, asked for by name (`--dmuon-scale`), in place of
         # Megatron's --muon-scale-mode (its "spectral" default is 5x match_rms_adamw).
         opt_config.dmuon_scale = "match_rms_adamw"
+        opt_config.dmuon_per_head = cfg.per_head  # the tiny MoE's qkv, by the core's name rule
         # Nesterov, as the other backends: the field is muon_use_nesterov in 0.16,
         # muon_nesterov in 0.19. Jordan's fixed quintic ("simple"), the other backends'
         # schedule (Megatron's default "quintic" is a different, per-step one).

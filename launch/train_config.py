@@ -110,8 +110,9 @@ class TrainConfig:
                 raise ValueError("--per-head is an option of --optimizer muon (and --compare "
                                  "also trains adamw): drop --per-head, or train muon alone")
             if not BACKENDS[self.backend].supports_per_head:
+                able = ", ".join(n for n in BACKENDS if BACKENDS[n].supports_per_head)
                 raise ValueError(f"--per-head is not supported with --backend {self.backend} "
-                                 "yet: use --backend fsdp2, ddp or deepspeed")
+                                 f"yet: use --backend {able}")
         BACKENDS[self.backend].check(self)
         here = world is None
         world = self.world_size if world is None else world

@@ -175,10 +175,19 @@ class MegatronMuon(Optimizer):
                 if sub["params"]:
                     groups.append({**self.options, **sub})
                     self._inner_of.append((gi, is_muon))
+        # The inner optimizer reads lr and weight decay from this one's groups (which Megatron's
+        # scheduler writes) and keeps its state in this one's, keyed by main param (what
+        # Megatron's checkpoints save).
+        main_of = {id(p): main for p, main, _ in self._links}
+        elsewhere: dict[torch.Tensor, dict[str, Any]] = {}  # params with no main here: empty
+
+        def state_of(p: torch.Tensor) -> dict[str, Any]:
+            main = main_of.get(id(p))
+            return self.state[main] if main is not None else elsewhere.setdefault(p, {})
         self.inner = DistributedMuon(groups, sharding=sharding, comm_dtype=self.comm_dtype,
                                      owner_strategy=self.plan,
-                                     exchange_chunks=self.exchange_chunks)
-        self._link()
+                                     exchange_chunks=self.exchange_chunks,
+                                     group_overrides=self._step_options, external_state=state_of)
 
     def _split(self, params: list[torch.Tensor]) -> Iterable[tuple[dict[str, Any], bool]]:
         """One Megatron group -> Muon params, one group per split QKV weight, AdamW params
@@ -204,11 +213,15 @@ class MegatronMuon(Optimizer):
         info = self.sharding.info(p)
         return parity.uses_muon(p, info.name, info.shape, marked=self.marked, adamw=self.adamw)
 
-    def _link(self) -> None:
-        """The inner optimizer's state lives in this one's, keyed by main param (what
-        Megatron's checkpoints save)."""
-        for p, main, _ in self._links:
-            self.inner.state[p] = self.state[main]
+    def _step_options(self, inner_group: int) -> dict[str, float]:
+        """An inner group's lr and weight decay, from the Megatron group it came from: for
+        Muon ``lr * f`` and ``wd / f`` (the same decoupled update, scaled by f)."""
+        gi, is_muon = self._inner_of[inner_group]
+        outer = self.param_groups[gi]
+        f = self.scale_factor if is_muon else 1.0
+        # Megatron's scheduler sets weight_decay (times wd_mult); without it, the option.
+        wd = outer.get("weight_decay", self.options["weight_decay"] * outer.get("wd_mult", 1.0))
+        return {"lr": outer["lr"] * f, "weight_decay": wd / f}
 
     def init_state(self) -> None:
         """Zero state for every main param (Megatron's ``init_state_fn``, before a load)."""
@@ -254,22 +267,10 @@ class MegatronMuon(Optimizer):
             raise RuntimeError("MegatronMuon.bind(...) was not called: build it through "
                                "get_dmuon_optimizer (or Megatron's get_megatron_optimizer "
                                "with optimizer='dmuon')")
-        for group, (gi, is_muon) in zip(self.inner.param_groups, self._inner_of, strict=True):
-            outer = self.param_groups[gi]
-            f = self.scale_factor if is_muon else 1.0
-            group["lr"] = outer["lr"] * f
-            # Megatron's scheduler sets weight_decay (times wd_mult); without it, the option.
-            wd = outer.get("weight_decay",
-                           self.options["weight_decay"] * outer.get("wd_mult", 1.0))
-            group["weight_decay"] = wd / f
         loss = self.inner.step(closure)
         if not self.inner.last_step_skipped:
             self.steps += 1
         return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._link()  # torch replaced `self.state`
 
 
 def _shared_replicas(sharding: MegatronSharding, groups: list[list[torch.Tensor]],

@@ -75,6 +75,9 @@ class Model:
             "--transformer-impl", "local", "--no-persist-layer-norm",
             "--no-masked-softmax-fusion", "--no-bias-dropout-fusion", "--no-bias-gelu-fusion",
             "--no-gradient-accumulation-fusion",  # its fused kernel needs APEX
+            # megatron-core 0.19's local expert MLP adds its bias in place to the output of a
+            # custom autograd Function, which autograd refuses (seen on one H100, 2026-12-06).
+            "--disable-bias-linear",
         ]
 
 

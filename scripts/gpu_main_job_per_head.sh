@@ -30,7 +30,9 @@ export PYTHONPATH=$SITE PATH=/tmp/bin:$PATH
     git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
-python3 scripts/main_job_seeds.py --device cuda --out /tmp/runs/per-head --seeds "${SEEDS:-3}" \
+REPO=$PWD
+cd /tmp || exit 1  # so that the installed package is imported, not the source tree
+python3 "$REPO/scripts/main_job_seeds.py" --device cuda --out /tmp/runs/per-head --seeds "${SEEDS:-3}" \
     --variant whole= --variant per_head=--per-head --json "$OUT/per-head-quality-gpu.json" \
     > "$OUT/per-head-stdout.txt" 2>&1
 echo "exit code: $?" >> "$OUT/per-head-stdout.txt"

@@ -103,7 +103,13 @@ def _build(optimizer: str, prec: str, start: dict[str, torch.Tensor] | None):
                              clip_grad=0.0, muon_fp32_matmul_prec=prec)
     if optimizer == "dmuon" and prec != "medium":
         config.dmuon_comm_dtype = "fp32"  # isolate Newton-Schulz: nothing rounded on the way
-    return ddp, get_megatron_optimizer(config, [ddp])
+    opt = get_megatron_optimizer(config, [ddp])
+    # What Megatron's OptimizerParamScheduler sets before every training step. Without it,
+    # Megatron's own optimizers decay every group by weight_decay, ignoring wd_mult (norms and
+    # biases included), while dmuon applies wd_mult as the scheduler would (docs/megatron.md).
+    for group in opt.param_groups:
+        group["weight_decay"] = WD * group["wd_mult"]
+    return ddp, opt
 
 
 def _mains(ddp) -> dict[str, torch.Tensor]:

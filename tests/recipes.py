@@ -25,10 +25,12 @@ def recipe(name: str) -> str:
     return blocks[name]
 
 
-# Appended to DeepSpeed recipes: on CPU a rank aborts now and then in the interpreter's teardown
-# after a finished run, its process group destroyed (SIGABRT, no Python frame; 2 of 14 ZeRO-3
-# runs, torch 2.13, DeepSpeed 0.19.8 with its shared-memory CPU comm op); docs/trainers.md says so.
-HARD_EXIT = "\nimport os as _os\nsys.stdout.flush()\nsys.stderr.flush()\n_os._exit(0)\n"
+# Appended to recipes whose trainer keeps a gloo group alive to the interpreter's teardown: there
+# a gloo worker thread that frees a finished all_gather's tensors needs the GIL, and Python ends
+# the thread, which aborts the rank (SIGABRT after a finished run; torch 2.13; the HF Trainer with
+# its own AdamW: 2 of 18 runs). docs/trainers.md, Troubleshooting, says so.
+HARD_EXIT = ("\nimport os as _os\nimport sys as _sys\n_sys.stdout.flush()\n_sys.stderr.flush()\n"
+             "_os._exit(0)\n")
 
 
 def write_recipe(folder: Path, name: str, replace: dict[str, str] | None = None,

@@ -131,9 +131,9 @@ def test_trainer_ddp_equals_one_process(tmp_path):
             ' "ns_method": "standard"}'}
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    write_recipe(two, "hf_ddp.py", fp32)
+    write_recipe(two, "hf_ddp.py", fp32, append=HARD_EXIT)  # gloo teardown abort
     write_recipe(one, "hf_ddp.py", {**fp32, "per_device_train_batch_size=4":
-                                    "per_device_train_batch_size=8"})
+                                    "per_device_train_batch_size=8"}, append=HARD_EXIT)
     launch(two, "hf_ddp.py", nproc=2)
     launch(one, "hf_ddp.py", nproc=1)
     a, b = load_file(two / "out" / "model.safetensors"), load_file(one / "out" /

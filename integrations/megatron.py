@@ -29,6 +29,7 @@ block per head in that order.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -245,6 +246,20 @@ class MegatronSharding:
         groups = info.shape[-2] // sum(info.qkv)
         return tuple(groups * r for r in info.qkv)
 
+    def row_blocks(self, param: torch.Tensor, *, heads: dict[int, tuple[int, ...]],
+                   named: dict[str, tuple[int, ...]], split_qkv: bool) -> tuple[int, ...] | None:
+        """A Muon weight's ``row_blocks`` under ``--optimizer dmuon``, finest first: its heads
+        (``heads``, `megatron_heads.per_head_blocks`), else the blocks of the first ``named``
+        glob (``fnmatch``) its name matches (fused weights Megatron does not know, as in a
+        plain torch model inside Megatron's DDP), else the Q, K, V split of a ``linear_qkv``
+        (``split_qkv``), else None (the whole matrix)."""
+        name = self.info(param).name
+        blocks = heads.get(id(param)) or next(
+            (b for pattern, b in named.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if blocks is not None:
+            return tuple(blocks)
+        return self.qkv_row_blocks(param) if split_qkv else None
+
     def head_row_blocks(self, param: torch.Tensor) -> tuple[int, ...] | None:
         """``row_blocks`` of per-head NS for a Megatron attention weight (fused QKV, MLA query
         and key-value up-projections): one block per head of the full matrix, in storage
@@ -333,6 +348,7 @@ def megatron_param_groups(
     split_qkv: bool = True,
     per_head: bool = False,
     adamw: Iterable[str] = (),
+    row_blocks: dict[str, Sequence[int]] | None = None,
     adamw_options: dict[str, Any] | None = None,
     **muon_options: Any,
 ) -> list[dict[str, Any]]:
@@ -345,7 +361,8 @@ def megatron_param_groups(
     matching an ``adamw`` glob -> AdamW either way. ``split_qkv`` (Megatron's
     ``--muon-split-qkv``, on by default there too) orthogonalizes Q, K and V of every fused
     ``linear_qkv`` weight apart. ``per_head`` (``--dmuon-per-head``) orthogonalizes every head
-    of the attention weights apart instead (`megatron_heads`)."""
+    of the attention weights apart instead (`megatron_heads`). ``row_blocks`` (name glob ->
+    blocks) splits fused weights Megatron does not know (`MegatronSharding.row_blocks`)."""
     from distributed_muon.integrations.megatron_parity import marks_embeddings, uses_muon
 
     chunks = [model] if isinstance(model, nn.Module) else list(model)
@@ -359,13 +376,15 @@ def megatron_param_groups(
         p, name_of[id(p)], tuple(sharding.shape(p)), marked=marked, adamw=adamw)) \
         if per_head else {}
 
-    def row_blocks(p: torch.Tensor) -> tuple[int, ...] | None:
-        return heads.get(id(p)) or (sharding.qkv_row_blocks(p) if split_qkv else None)
+    named_blocks = dict(row_blocks or {})
+
+    def blocks_of(p: torch.Tensor) -> tuple[int, ...] | None:
+        return sharding.row_blocks(p, heads=heads, named=named_blocks, split_qkv=split_qkv)
 
     if marked:
-        return _marked_groups(named, sharding, row_blocks, adamw, adamw_options or {},
+        return _marked_groups(named, sharding, blocks_of, adamw, adamw_options or {},
                               muon_options, uses_muon)
-    blocks = {name: b for name, p in named if (b := row_blocks(p)) is not None}
+    blocks = {name: b for name, p in named if (b := blocks_of(p)) is not None}
     return muon_param_groups(chunks[0], adamw=list(adamw), row_blocks=blocks,
                              adamw_options=adamw_options, **muon_options)
 

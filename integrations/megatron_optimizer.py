@@ -122,13 +122,15 @@ class MegatronMuon(Optimizer):
     (Megatron's ``--muon-extra-scale-factor`` and spectral mode): applied as ``lr * f`` with
     weight decay ``wd / f``, the same decoupled update. ``per_head`` (``--dmuon-per-head``):
     the stage's attention weights are orthogonalized one head at a time (`megatron_heads`).
+    ``row_blocks`` (name glob -> blocks; ``config.dmuon_row_blocks``) splits fused weights
+    Megatron does not know, as `muon_param_groups` does.
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
                  split_qkv: bool = True, scale_factor: float = 1.0,
                  comm_dtype: str = "bf16", plan: str = "lpt", exchange_chunks: int = 1,
                  marked: bool = False, adamw: Sequence[str] = (), per_head: bool = False,
-                 **options: Any) -> None:
+                 row_blocks: dict[str, Sequence[int]] | None = None, **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
         # Checked before Megatron builds anything around it.
@@ -138,6 +140,7 @@ class MegatronMuon(Optimizer):
         # Which params get Muon (`megatron_parity.uses_muon`): Megatron's rule when the model
         # marks its embeddings, else by shape and name; ``adamw`` globs always go to AdamW.
         self.marked, self.adamw = marked, tuple(adamw)
+        self.row_blocks = {pattern: tuple(b) for pattern, b in (row_blocks or {}).items()}
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
         self.comm_dtype, self.plan = wide["comm_dtype"], plan
@@ -196,10 +199,9 @@ class MegatronMuon(Optimizer):
         for p in params:
             info = self.sharding.info(p)
             matrix = self._uses_muon(p)
-            blocks = None
-            if matrix:  # a head split is finer than the Q, K, V one
-                blocks = self.head_blocks.get(id(p)) or (
-                    self.sharding.qkv_row_blocks(p) if self.split_qkv else None)
+            blocks = self.sharding.row_blocks(
+                p, heads=self.head_blocks, named=self.row_blocks,
+                split_qkv=self.split_qkv) if matrix else None
             if blocks is not None:
                 yield {"params": [p], "param_names": [info.name], "use_muon": True,
                        "row_blocks": blocks}, True
@@ -312,6 +314,8 @@ def dmuon_options(config: Any) -> dict[str, Any]:
         "scale_factor": factor * config.muon_extra_scale_factor,
         "split_qkv": config.muon_split_qkv, "ns_dtype": ns_dtype,
         "adamw": tuple(g.strip() for g in adamw.split(",") if g.strip()),
+        # Python only (no flag): {name glob: row blocks} for fused weights Megatron does not know.
+        "row_blocks": dict(getattr(config, "dmuon_row_blocks", None) or {}),
         "adamw_betas": (config.adam_beta1, config.adam_beta2), "adamw_eps": config.adam_eps,
         **{name: getattr(config, f"dmuon_{name}", default)
            for name, (_, default, _) in FLAGS.items()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,16 @@ from torch import nn
 
 if TYPE_CHECKING:
     from distributed_muon.launch.train_config import TrainConfig
+
+
+def megatron_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``OptimizerConfig`` attributes from a model's `param_groups_spec` (``adamw`` globs,
+    ``row_blocks``), so ``--optimizer dmuon`` splits it as the other backends'
+    `muon_param_groups` do. Megatron's DDP holds the model as ``module``: the names the adapter
+    sees start with ``module.``."""
+    return {"dmuon_adamw": ",".join(f"module.{glob}" for glob in spec.get("adamw", ())),
+            "dmuon_row_blocks": {f"module.{glob}": tuple(blocks)
+                                 for glob, blocks in spec.get("row_blocks", {}).items()}}
 
 
 class Megatron(Backend):
@@ -79,6 +89,8 @@ class Megatron(Backend):
         # Megatron's --muon-scale-mode (its "spectral" default is 5x match_rms_adamw).
         opt_config.dmuon_scale = "match_rms_adamw"
         opt_config.dmuon_per_head = cfg.per_head  # the tiny MoE's qkv, by the core's name rule
+        for attr, value in megatron_spec(model.param_groups_spec()).items():
+            setattr(opt_config, attr, value)
         # Nesterov, as the other backends: the field is muon_use_nesterov in 0.16,
         # muon_nesterov in 0.19. Jordan's fixed quintic ("simple"), the other backends'
         # schedule (Megatron's default "quintic" is a different, per-step one).

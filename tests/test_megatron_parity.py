@@ -166,3 +166,40 @@ def test_megatron_param_groups_follow_the_same_rule(world):
     q = HEADS // GROUPS * CHANNELS
     assert qkv["row_blocks"] == (GROUPS * q, GROUPS * CHANNELS, GROUPS * CHANNELS)
     assert all(g["lr"] == 0.02 for g in groups if g["use_muon"])
+
+
+def test_tiny_moe_in_megatrons_ddp_splits_as_the_other_backends(world):
+    """``dmuon train --backend megatron``: the tiny MoE's router and position table get AdamW and
+    its fused qkv splits into Q, K, V, as `muon_param_groups` with the model's spec gives the
+    other backends (the router and ``pos`` went to Muon and qkv stayed whole before)."""
+    from distributed_muon.integrations.megatron import MegatronSharding
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon, dmuon_options
+    from distributed_muon.launch.megatron_backend import megatron_spec
+    from distributed_muon.launch.tiny_moe import ModelConfig, TinyMoE
+    from megatron.core.optimizer import OptimizerConfig
+
+    from distributed_muon import muon_param_groups
+
+    model = TinyMoE(ModelConfig(d=32, layers=2, hidden=64, seq=16))
+    want = {}
+    for group in muon_param_groups(model, **model.param_groups_spec()):
+        for name, _ in group["params"]:
+            want[f"module.{name}"] = group["row_blocks"] if group["use_muon"] else "adamw"
+    config = OptimizerConfig(optimizer="dmuon", lr=1e-3)
+    for attr, value in megatron_spec(model.param_groups_spec()).items():
+        setattr(config, attr, value)
+    ddp = torch.nn.Module()
+    ddp.module = model  # where Megatron's DistributedDataParallel keeps the model (CUDA only)
+    params = list(ddp.parameters())
+    opt = MegatronMuon([{"params": params}], MegatronSharding(ddp), **dmuon_options(config))
+    got = {name: group.get("row_blocks") if is_muon else "adamw"
+           for group, is_muon in opt._split(params) for name in group["param_names"]}
+    assert got == want
+    assert got["module.pos"] == got["module.blocks.0.moe.router.weight"] == "adamw"
+    assert got["module.blocks.1.attn.qkv.weight"] == (32, 32, 32)
+    # Without the spec, the unmarked rule: both on Muon, qkv whole.
+    plain = MegatronMuon([{"params": params}], MegatronSharding(ddp),
+                         **dmuon_options(OptimizerConfig(optimizer="dmuon", lr=1e-3)))
+    bare = {name: group.get("row_blocks") for group, is_muon in plain._split(params) if is_muon
+            for name in group["param_names"]}
+    assert "module.pos" in bare and bare["module.blocks.1.attn.qkv.weight"] is None

@@ -32,10 +32,10 @@ from distributed_muon.layout import ShardLayout
 from distributed_muon.linked import ExternalState, GroupOverrides, StateOf, step_groups
 from distributed_muon.options import (
     GROUP_OPTIONS,
-    RENAMED_OPTIONS,
     check_group,
     check_optimizer_wide,
     group_defaults,
+    take_renamed_option,
     unknown_options_error,
 )
 from distributed_muon.orthogonalize import NSOptions, orthogonalize
@@ -47,21 +47,6 @@ from distributed_muon.sharding import Sharding, infer_sharding
 from distributed_muon.update import adamw_, momentum_, muon_update_, nesterov_into
 
 log = logging.getLogger(__name__)
-
-def take_renamed_option(given: dict[str, Any], old: str, current: Any, default: Any) -> Any:
-    """``current``, or the value passed under the former name ``old`` (removed from
-    ``given``, with a DeprecationWarning naming the new keyword and the release that drops the
-    old one). Both at once is an error, unless ``current`` is still its ``default``."""
-    if old not in given:
-        return current
-    new, until = RENAMED_OPTIONS[old]
-    value = given.pop(old)
-    if current != default:
-        raise TypeError(f"DistributedMuon: pass {new}= only ({old}= is its former name)")
-    warnings.warn(f"DistributedMuon: {old}= is deprecated and goes away in {until}: use "
-                  f"{new}={value!r}", DeprecationWarning, stacklevel=3)
-    return value
-
 
 # Options a state dict saved before they existed ran with (not today's defaults).
 FORMER_DEFAULTS = {"ns_method": "standard"}

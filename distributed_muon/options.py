@@ -19,7 +19,10 @@ groups, to torch dtypes optimizer-wide), or raise a ValueError that names the op
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +217,44 @@ MISNAMED_OPTIONS = {
 # Former names of optimizer-wide options, accepted with a DeprecationWarning until the release
 # named here. `plan` was the strategy string, while `OwnershipPlan` is the object it builds.
 RENAMED_OPTIONS = {"plan": ("owner_strategy", "0.2.0")}
+
+
+def take_renamed_option(given: dict[str, Any], old: str, current: Any, default: Any, *,
+                        where: str = "DistributedMuon",
+                        category: type[Warning] = DeprecationWarning) -> Any:
+    """``current``, or the value passed under the former name ``old`` (removed from ``given``,
+    with a warning naming the new name and the release that drops the old one). Both at once is
+    an error, unless ``current`` is still its ``default``. ``where`` names the surface in the
+    messages; ``category``: FutureWarning where end users read it (a JSON config)."""
+    if old not in given:
+        return current
+    new, until = RENAMED_OPTIONS[old]
+    value = given.pop(old)
+    if current != default:
+        raise TypeError(f"{where}: pass {new} only ({old} is its former name)")
+    warnings.warn(f"{where}: {old} is deprecated and goes away in {until}: use "
+                  f"{new}={value!r}", category, stacklevel=3)
+    return value
+
+
+def add_former_flags(parser: Any, option: str, flag: str, dest: str, prefix: str = "--",
+                     **kwargs: Any) -> None:
+    """Hidden flags (``prefix`` + former name) for the former names of ``option``
+    (`RENAMED_OPTIONS`) beside its ``flag``: each sets ``dest`` (``kwargs``: its ``type``,
+    ``choices``) and says on stderr which flag to use instead, and until when."""
+    for old, (new, until) in RENAMED_OPTIONS.items():
+        if new != option:
+            continue
+
+        class Former(argparse.Action):
+            def __call__(self, parser: Any, namespace: Any, values: Any,
+                         option_string: str | None = None, until: str = until) -> None:
+                print(f"{parser.prog}: {option_string} is deprecated and goes away in "
+                      f"{until}: use {flag}", file=sys.stderr)
+                setattr(namespace, self.dest, values)
+
+        parser.add_argument(prefix + old.replace("_", "-"), dest=dest, action=Former,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:

@@ -55,6 +55,7 @@ from distributed_muon.options import (
     check_group,
     check_optimizer_wide,
     group_defaults,
+    take_renamed_option,
     unknown_options_error,
 )
 from distributed_muon.params import MatrixSpec, default_use_muon
@@ -68,9 +69,8 @@ _DEEPSPEED_KEYS = ("moe", "name")
 # (not wired per flat partition yet).
 NOT_IN_JSON = ("process_group", "sharding", "group_overrides", "external_state",
                "diagnostics_every")
-# JSON keys spelled otherwise than the option: DeepSpeed's own per_head_muon, and plan (the
-# former name of owner_strategy, kept in the JSON so far).
-JSON_WIDE_NAMES = {"owner_strategy": "plan", "per_head": "per_head_muon"}
+# JSON keys spelled otherwise than the option: DeepSpeed's own per_head_muon.
+JSON_WIDE_NAMES = {"per_head": "per_head_muon"}
 _OPTIMIZER_WIDE = (*(JSON_WIDE_NAMES.get(n, n) for n in OPTIMIZER_WIDE if n not in NOT_IN_JSON),
                    "per_head_muon")
 # JSON names -> DistributedMuon options. As in DeepSpeed's own Muon, "betas" and "eps" are the
@@ -147,9 +147,11 @@ class DeepSpeedMuon(Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], comm_dtype: DTypeLike = "bf16",
-                 plan: str = "lpt", qk_clip_tau: float | None = None,
+                 owner_strategy: str = "lpt", qk_clip_tau: float | None = None,
                  ns_cost: str | None = None, exchange_chunks: int = 1,
                  per_head_muon: bool = False, **options: Any) -> None:
+        owner_strategy = take_renamed_option(options, "plan", owner_strategy, "lpt",
+                                             where="DeepSpeed JSON", category=FutureWarning)
         options = json_options(options)
         unknown = set(options) - set(GROUP_OPTIONS)
         if unknown:  # the JSON takes no process_group or sharding: list only what it takes
@@ -159,7 +161,7 @@ class DeepSpeedMuon(Optimizer):
         wide = check_optimizer_wide({"comm_dtype": comm_dtype, "ns_cost": ns_cost,
                                      "exchange_chunks": exchange_chunks})
         self.comm_dtype = wide["comm_dtype"]
-        self.plan = OPTIONS["owner_strategy"].check("plan", plan)
+        self.owner_strategy = OPTIONS["owner_strategy"].check("owner_strategy", owner_strategy)
         self.ns_cost, self.exchange_chunks = wide["ns_cost"], wide["exchange_chunks"]
         engine = calling_engine()
         if engine is not None:
@@ -320,7 +322,7 @@ class DeepSpeedMuon(Optimizer):
         # scheduler writes) and keeps its state in this optimizer's (what DeepSpeed saves).
         inner = DistributedMuon([{"params": params, "param_names": names, **_options(group)}],
                                 comm_dtype=self.comm_dtype, sharding=sharding,
-                                owner_strategy=self.plan,
+                                owner_strategy=self.owner_strategy,
                                 ns_cost=self.ns_cost, exchange_chunks=self.exchange_chunks,
                                 group_overrides=lambda _: self._groups[gi],
                                 external_state=self._state_of(gi, flat, sharding))

@@ -40,7 +40,14 @@ from torch.optim import Optimizer
 
 from distributed_muon.layout import Region
 from distributed_muon.optimizer import DistributedMuon
-from distributed_muon.options import OPTIONS, check_optimizer_wide, group_defaults, surface_default
+from distributed_muon.options import (
+    OPTIONS,
+    add_former_flags,
+    check_optimizer_wide,
+    group_defaults,
+    surface_default,
+    take_renamed_option,
+)
 from distributed_muon.params import MatrixSpec
 
 # Megatron's --muon-scale-mode as (our scale, factor): Megatron's "spectral" is
@@ -53,7 +60,8 @@ SCALE_MODES = {
 # --dmuon-* flags and the option of `distributed_muon.options` each sets (Megatron rewrites a
 # ``dist_`` prefix, so no flag here starts with it).
 FLAG_OPTIONS = {"ns_method": "ns_method", "ns_dtype": "ns_dtype", "comm_dtype": "comm_dtype",
-                "plan": "owner_strategy", "exchange_chunks": "exchange_chunks", "scale": "scale",
+                "owner_strategy": "owner_strategy", "exchange_chunks": "exchange_chunks",
+                "scale": "scale",
                 "per_head": "per_head"}
 # Where Megatron's defaults are not the table's, and why.
 FLAG_DEFAULTS = {flag: surface_default(FLAG_OPTIONS[flag], default, why)[1:]
@@ -128,13 +136,15 @@ class MegatronMuon(Optimizer):
 
     def __init__(self, param_groups: list[dict[str, Any]], sharding: MegatronSharding, *,
                  split_qkv: bool = True, scale_factor: float = 1.0,
-                 comm_dtype: str = "bf16", plan: str = "lpt", exchange_chunks: int = 1,
+                 comm_dtype: str = "bf16", owner_strategy: str = "lpt", exchange_chunks: int = 1,
                  marked: bool = False, adamw: Sequence[str] = (), per_head: bool = False,
                  row_blocks: dict[str, Sequence[int]] | None = None, **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
+        owner_strategy = take_renamed_option(options, "plan", owner_strategy, "lpt",
+                                             where="MegatronMuon")
         # Checked before Megatron builds anything around it.
-        wide = check_optimizer_wide({"comm_dtype": comm_dtype, "owner_strategy": plan,
+        wide = check_optimizer_wide({"comm_dtype": comm_dtype, "owner_strategy": owner_strategy,
                                      "exchange_chunks": exchange_chunks})
         self.exchange_chunks = exchange_chunks
         # Which params get Muon (`megatron_parity.uses_muon`): Megatron's rule when the model
@@ -143,7 +153,7 @@ class MegatronMuon(Optimizer):
         self.row_blocks = {pattern: tuple(b) for pattern, b in (row_blocks or {}).items()}
         self.options = group_defaults(**options)
         self.sharding, self.split_qkv, self.scale_factor = sharding, split_qkv, scale_factor
-        self.comm_dtype, self.plan = wide["comm_dtype"], plan
+        self.comm_dtype, self.owner_strategy = wide["comm_dtype"], owner_strategy
         # Over the whole stage (every chunk), so the dense and the expert optimizer agree.
         self.head_blocks = (per_head_blocks(sharding.chunks, sharding, self._uses_muon)
                             if OPTIONS["per_head"].check("per_head", per_head) else {})
@@ -188,7 +198,7 @@ class MegatronMuon(Optimizer):
             main = main_of.get(id(p))
             return self.state[main] if main is not None else elsewhere.setdefault(p, {})
         self.inner = DistributedMuon(groups, sharding=sharding, comm_dtype=self.comm_dtype,
-                                     owner_strategy=self.plan,
+                                     owner_strategy=self.owner_strategy,
                                      exchange_chunks=self.exchange_chunks,
                                      group_overrides=self._step_options, external_state=state_of)
 
@@ -307,6 +317,11 @@ def dmuon_options(config: Any) -> dict[str, Any]:
     ns_dtype = getattr(config, "dmuon_ns_dtype", None) or parity.ns_dtype(
         getattr(config, "muon_fp32_matmul_prec", "medium"))
     adamw = getattr(config, "dmuon_adamw", None) or ""
+    strategy = getattr(config, "dmuon_owner_strategy", FLAGS["owner_strategy"][1])
+    if getattr(config, "dmuon_plan", None) is not None:  # its former name, set in Python
+        strategy = take_renamed_option({"plan": config.dmuon_plan}, "plan", strategy,
+                                       FLAGS["owner_strategy"][1], where="config.dmuon_plan",
+                                       category=FutureWarning)
     return {
         "lr": config.lr, "weight_decay": config.weight_decay,
         "momentum": config.muon_momentum, "nesterov": bool(nesterov),
@@ -317,9 +332,10 @@ def dmuon_options(config: Any) -> dict[str, Any]:
         # Python only (no flag): {name glob: row blocks} for fused weights Megatron does not know.
         "row_blocks": dict(getattr(config, "dmuon_row_blocks", None) or {}),
         "adamw_betas": (config.adam_beta1, config.adam_beta2), "adamw_eps": config.adam_eps,
+        "owner_strategy": strategy,
         **{name: getattr(config, f"dmuon_{name}", default)
            for name, (_, default, _) in FLAGS.items()
-           if name not in ("scale", "ns_dtype", "adamw")},
+           if name not in ("scale", "ns_dtype", "adamw", "owner_strategy")},
     }
 
 
@@ -423,8 +439,10 @@ def add_dmuon_arguments(parser: Any) -> Any:
         flag, dest = f"--dmuon-{name.replace('_', '-')}", f"dmuon_{name}"
         if kind is bool:  # a switch, as dmuon train's --per-head
             group.add_argument(flag, action="store_true", default=default, dest=dest, help=text)
-        else:
-            group.add_argument(flag, type=kind, default=default, dest=dest, help=text)
+            continue
+        group.add_argument(flag, type=kind, default=default, dest=dest, help=text)
+        if name in FLAG_OPTIONS:  # its former names stay flags, with a line saying which to use
+            add_former_flags(group, FLAG_OPTIONS[name], flag, dest, prefix="--dmuon-", type=kind)
     return parser
 
 

@@ -60,7 +60,7 @@ class BenchConfig:
         note="default the optimizer's on GPUs, fp32 on CPUs")
     ns_method: str = optimizer_option("ns_method")
     comm_dtype: str = optimizer_option("comm_dtype")
-    plan: str = optimizer_option("owner_strategy")  # --plan: its former name, kept here
+    owner_strategy: str = optimizer_option("owner_strategy")
     ns_cost: str | None = optimizer_option(
         "ns_cost", note="written by scripts/bench_ns.py --cost-table")
     exchange_chunks: int = optimizer_option("exchange_chunks")
@@ -149,9 +149,11 @@ def _bench(cfg: BenchConfig, device: torch.device) -> None:
     params = []
     for shape in shapes:
         params.append(torch.nn.Parameter(make(torch.randn(shape, device=device, generator=gen))))
-    opt = DistributedMuon(params, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
-                          comm_dtype=cfg.comm_dtype, owner_strategy=cfg.plan, ns_cost=cfg.ns_cost,
-                          exchange_chunks=cfg.exchange_chunks)
+    # Named, as a model's parameters would be: all of them are hidden matrices, on Muon.
+    named = [(f"matrix{i}", p) for i, p in enumerate(params)]
+    opt = DistributedMuon(named, lr=1e-3, ns_dtype=cfg.ns_dtype, ns_method=cfg.ns_method,
+                          comm_dtype=cfg.comm_dtype, owner_strategy=cfg.owner_strategy,
+                          ns_cost=cfg.ns_cost, exchange_chunks=cfg.exchange_chunks)
     for p in params:
         p.grad = make(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
     # The peak of the dtype NS runs in (a CPU's bf16 matmuls are far below its fp32 ones).
@@ -214,7 +216,7 @@ def _report(cfg, ranks, opt, peak, device) -> dict:
         f"{cfg.layers}), "
         f"{sum(m.m * m.n for m in opt.layout.matrices) / 1e6:.1f}M values, layout {cfg.layout}, "
         f"N={world} on {name}, ns {cfg.ns_method} {cfg.ns_dtype}, comm {cfg.comm_dtype}, "
-        f"plan {cfg.plan}, exchange chunks {cfg.exchange_chunks}",
+        f"owner strategy {cfg.owner_strategy}, exchange chunks {cfg.exchange_chunks}",
         f"{cfg.ns_dtype} matmul peak (measured): {peak * scale:.3g} {unit}; NS work "
         f"{flops / 1e12 * scale:.3g} {unit.removesuffix('/s')}/step",
         "",

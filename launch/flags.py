@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from distributed_muon.options import OPTIONS
+from distributed_muon.options import OPTIONS, add_former_flags
 
 _TABLE = object()  # "as distributed_muon.options.OPTIONS has it"
 
@@ -77,6 +77,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             text += f" (default {f.default})"
         parser.add_argument(name, type=kind, default=f.default, choices=meta["choices"],
                             help=text, metavar=None if meta["choices"] else f.name.upper())
+        if "option" in meta:  # its former names stay flags, with a line saying which to use
+            add_former_flags(parser, meta["option"], name, f.name, type=kind,
+                             choices=meta["choices"])
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -422,7 +422,7 @@ BAD_CONFIGS = [
     ({"eps": 1e-8, "adamw_eps": 1e-8}, {}, "\"eps\" is the AdamW part's"),
     ({"bogus_option": 1}, {}, "unknown DistributedMuon option"),
     ({"scale": "bogus"}, {}, "scale"),
-    ({"plan": "random"}, {}, "plan"),
+    ({"owner_strategy": "random"}, {}, "owner_strategy"),
     ({}, {"fp16": {"enabled": True}}, "fp16"),
     ({}, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
           "zero_force_ds_cpu_optimizer": False}, "offload"),
@@ -437,14 +437,15 @@ def test_bad_configs_fail_before_the_first_step():
 
 
 def test_unknown_option_lists_what_the_json_takes():
-    """The JSON ``params`` take the group options plus ``comm_dtype`` and ``plan``; the core's
+    """The JSON ``params`` take the group options plus ``comm_dtype`` and ``owner_strategy``
+    (``plan``, its former name, still works, with a FutureWarning); the core's
     Python-only ``process_group`` and ``sharding`` are not offered."""
     from distributed_muon.integrations.deepspeed import DeepSpeedMuon
 
     with pytest.raises(TypeError) as err:
         DeepSpeedMuon(_model().parameters(), bogus_option=1)
     message = str(err.value)
-    for name in ("bogus_option", "comm_dtype", "plan", "adamw_betas", "ns_schedule",
+    for name in ("bogus_option", "comm_dtype", "owner_strategy", "adamw_betas", "ns_schedule",
                  "exchange_chunks"):
         assert name in message, message
     assert "process_group" not in message and "sharding" not in message, message

@@ -62,7 +62,8 @@ def test_megatron_defaults_map_to_the_same_update():
     assert opts["ns_schedule"] == MEGATRON_COEFFICIENTS["quintic"] and opts["ns_steps"] == 5
     assert opts["lr"] == 2e-3 and opts["weight_decay"] == 0.1
     assert opts["split_qkv"] is True and opts["ns_dtype"] == "bf16"  # fp32_matmul_prec medium
-    assert (opts["ns_method"], opts["comm_dtype"], opts["plan"]) == ("standard", "bf16", "lpt")
+    assert (opts["ns_method"], opts["comm_dtype"], opts["owner_strategy"]) == (
+        "standard", "bf16", "lpt")
     assert opts["per_head"] is False
 
 
@@ -108,8 +109,11 @@ def test_argument_parser_gets_dmuon_and_its_flags():
     parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "muon"])
     mo.add_dmuon_arguments(parser)
     args = parser.parse_args(["--optimizer", "dmuon", "--dmuon-ns-method", "gram"])
-    assert (args.optimizer, args.dmuon_ns_method, args.dmuon_plan) == ("dmuon", "gram", "lpt")
+    assert (args.optimizer, args.dmuon_ns_method, args.dmuon_owner_strategy) == (
+        "dmuon", "gram", "lpt")
     assert args.dmuon_per_head is False
+    assert parser.parse_args(["--dmuon-owner-strategy", "round_robin"]).dmuon_owner_strategy \
+        == "round_robin"
     assert parser.parse_args(["--dmuon-per-head"]).dmuon_per_head is True  # a switch
     assert not any(a.dest.startswith("dist_") for a in parser._actions)
 

@@ -43,8 +43,8 @@ def test_a_surface_default_needs_its_reason():
 def test_launch_flags_are_checked_by_the_table():
     with pytest.raises(ValueError, match="--exchange-chunks 0: must be an integer >= 1"):
         BenchConfig(exchange_chunks=0, device="cpu").resolved()
-    with pytest.raises(ValueError, match="--plan best: use one of"):  # owner_strategy's flag
-        BenchConfig(plan="best", device="cpu").resolved()
+    with pytest.raises(ValueError, match="--owner-strategy best: use one of"):
+        BenchConfig(owner_strategy="best", device="cpu").resolved()
 
 
 def test_group_checks_normalize_and_name_the_option():
@@ -117,3 +117,54 @@ def test_per_head_reaches_every_training_surface():
     assert ds.JSON_WIDE_NAMES["per_head"] == "per_head_muon"
     mo = pytest.importorskip("distributed_muon.integrations.megatron_optimizer")
     assert mo.FLAG_OPTIONS["per_head"] == "per_head"
+
+
+def test_a_renamed_option_keeps_working_under_its_former_name_on_every_surface(capsys):
+    """``plan`` (now ``owner_strategy``) on each surface: it still sets the option, with a
+    warning (a line on stderr for flags) that names the new name and the release that drops
+    the old one; both names at once is an error."""
+    import argparse
+
+    from distributed_muon.launch.flags import add_flags, from_args
+
+    from distributed_muon import DistributedMuon, muon_param_groups
+    from distributed_muon.options import RENAMED_OPTIONS
+
+    assert RENAMED_OPTIONS["plan"] == ("owner_strategy", "0.2.0")
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    with pytest.warns(DeprecationWarning, match="plan is deprecated .* 0.2.0: use owner_str"):
+        assert DistributedMuon([w], plan="round_robin")._owner_strategy == "round_robin"
+    with pytest.raises(TypeError, match="pass owner_strategy only"):
+        DistributedMuon([w], plan="lpt", owner_strategy="round_robin")
+
+    parser = argparse.ArgumentParser(prog="dmuon bench")
+    add_flags(parser, BenchConfig)
+    assert from_args(BenchConfig, parser.parse_args(["--plan", "round_robin"])) \
+        .owner_strategy == "round_robin"
+    assert "--plan is deprecated and goes away in 0.2.0: use --owner-strategy" in \
+        capsys.readouterr().err
+    assert from_args(BenchConfig, parser.parse_args(["--owner-strategy", "round_robin"])) \
+        .owner_strategy == "round_robin"
+    assert capsys.readouterr().err == ""
+
+    ds = pytest.importorskip("distributed_muon.integrations.deepspeed")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    with pytest.warns(FutureWarning, match="DeepSpeed JSON: plan is deprecated"):
+        opt = ds.DeepSpeedMuon(muon_param_groups(model), plan="round_robin")
+    assert opt.owner_strategy == "round_robin"
+    with pytest.raises(TypeError, match="pass owner_strategy only"):
+        ds.DeepSpeedMuon(muon_param_groups(model), plan="lpt", owner_strategy="round_robin")
+
+    mo = pytest.importorskip("distributed_muon.integrations.megatron_optimizer")
+    from megatron.core.optimizer import OptimizerConfig
+
+    parser = argparse.ArgumentParser(prog="pretrain_gpt.py")
+    mo.add_dmuon_arguments(parser)
+    assert parser.parse_args(["--dmuon-plan", "round_robin"]).dmuon_owner_strategy \
+        == "round_robin"
+    assert "--dmuon-plan is deprecated and goes away in 0.2.0: use --dmuon-owner-strategy" in \
+        capsys.readouterr().err
+    config = OptimizerConfig(optimizer="dmuon", lr=1e-3)
+    config.dmuon_plan = "round_robin"
+    with pytest.warns(FutureWarning, match="config.dmuon_plan: plan is deprecated"):
+        assert mo.dmuon_options(config)["owner_strategy"] == "round_robin"

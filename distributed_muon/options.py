@@ -243,18 +243,21 @@ def add_former_flags(parser: Any, option: str, flag: str, dest: str, prefix: str
     (`RENAMED_OPTIONS`) beside its ``flag``: each sets ``dest`` (``kwargs``: its ``type``,
     ``choices``) and says on stderr which flag to use instead, and until when."""
     for old, (new, until) in RENAMED_OPTIONS.items():
-        if new != option:
-            continue
+        if new == option:
+            parser.add_argument(prefix + old.replace("_", "-"), dest=dest,
+                                action=_former_flag(flag, until), default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, **kwargs)
 
-        class Former(argparse.Action):
-            def __call__(self, parser: Any, namespace: Any, values: Any,
-                         option_string: str | None = None, until: str = until) -> None:
-                print(f"{parser.prog}: {option_string} is deprecated and goes away in "
-                      f"{until}: use {flag}", file=sys.stderr)
-                setattr(namespace, self.dest, values)
 
-        parser.add_argument(prefix + old.replace("_", "-"), dest=dest, action=Former,
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+def _former_flag(flag: str, until: str) -> type[argparse.Action]:
+    class Former(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any,
+                     option_string: str | None = None) -> None:
+            print(f"{parser.prog}: {option_string} is deprecated and goes away in {until}: "
+                  f"use {flag}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Former
 
 
 def unknown_options_error(names: Iterable[str], wide: Iterable[str] = OPTIMIZER_WIDE) -> TypeError:

@@ -61,8 +61,7 @@ SCALE_MODES = {
 # ``dist_`` prefix, so no flag here starts with it).
 FLAG_OPTIONS = {"ns_method": "ns_method", "ns_dtype": "ns_dtype", "comm_dtype": "comm_dtype",
                 "owner_strategy": "owner_strategy", "exchange_chunks": "exchange_chunks",
-                "scale": "scale",
-                "per_head": "per_head"}
+                "scale": "scale", "per_head": "per_head"}
 # Where Megatron's defaults are not the table's, and why.
 FLAG_DEFAULTS = {flag: surface_default(FLAG_OPTIONS[flag], default, why)[1:]
                  for flag, default, why in (

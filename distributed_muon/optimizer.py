@@ -136,7 +136,7 @@ class DistributedMuon(Optimizer):
         external_state: StateOf | None = None,
         **unknown: Any,
     ) -> None:
-        owner_strategy = take_renamed_option(unknown, "plan", owner_strategy, "lpt")
+        owner_strategy = take_renamed_option(unknown, "plan", owner_strategy)
         if unknown:  # so that `betas=` says to use `adamw_betas`, not just "unexpected"
             raise unknown_options_error(unknown)
         # The keyword arguments that are group options (all but the group-only ones).

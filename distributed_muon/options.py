@@ -219,18 +219,18 @@ MISNAMED_OPTIONS = {
 RENAMED_OPTIONS = {"plan": ("owner_strategy", "0.2.0")}
 
 
-def take_renamed_option(given: dict[str, Any], old: str, current: Any, default: Any, *,
+def take_renamed_option(given: dict[str, Any], old: str, current: Any, *,
                         where: str = "DistributedMuon",
                         category: type[Warning] = DeprecationWarning) -> Any:
     """``current``, or the value passed under the former name ``old`` (removed from ``given``,
     with a warning naming the new name and the release that drops the old one). Both at once is
-    an error, unless ``current`` is still its ``default``. ``where`` names the surface in the
-    messages; ``category``: FutureWarning where end users read it (a JSON config)."""
+    an error, unless ``current`` is still the table's default. ``where`` names the surface in
+    the messages; ``category``: FutureWarning where end users read it (a JSON config)."""
     if old not in given:
         return current
     new, until = RENAMED_OPTIONS[old]
     value = given.pop(old)
-    if current != default:
+    if current != OPTIONS[new].default:
         raise TypeError(f"{where}: pass {new} only ({old} is its former name)")
     warnings.warn(f"{where}: {old} is deprecated and goes away in {until}: use "
                   f"{new}={value!r}", category, stacklevel=3)

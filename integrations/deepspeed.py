@@ -150,7 +150,7 @@ class DeepSpeedMuon(Optimizer):
                  owner_strategy: str = "lpt", qk_clip_tau: float | None = None,
                  ns_cost: str | None = None, exchange_chunks: int = 1,
                  per_head_muon: bool = False, **options: Any) -> None:
-        owner_strategy = take_renamed_option(options, "plan", owner_strategy, "lpt",
+        owner_strategy = take_renamed_option(options, "plan", owner_strategy,
                                              where="DeepSpeed JSON", category=FutureWarning)
         options = json_options(options)
         unknown = set(options) - set(GROUP_OPTIONS)

@@ -140,7 +140,7 @@ class MegatronMuon(Optimizer):
                  row_blocks: dict[str, Sequence[int]] | None = None, **options: Any) -> None:
         if not scale_factor > 0:
             raise ValueError(f"--muon-extra-scale-factor must be > 0 (got {scale_factor})")
-        owner_strategy = take_renamed_option(options, "plan", owner_strategy, "lpt",
+        owner_strategy = take_renamed_option(options, "plan", owner_strategy,
                                              where="MegatronMuon")
         # Checked before Megatron builds anything around it.
         wide = check_optimizer_wide({"comm_dtype": comm_dtype, "owner_strategy": owner_strategy,
@@ -319,8 +319,7 @@ def dmuon_options(config: Any) -> dict[str, Any]:
     strategy = getattr(config, "dmuon_owner_strategy", FLAGS["owner_strategy"][1])
     if getattr(config, "dmuon_plan", None) is not None:  # its former name, set in Python
         strategy = take_renamed_option({"plan": config.dmuon_plan}, "plan", strategy,
-                                       FLAGS["owner_strategy"][1], where="config.dmuon_plan",
-                                       category=FutureWarning)
+                                       where="config.dmuon_plan", category=FutureWarning)
     return {
         "lr": config.lr, "weight_decay": config.weight_decay,
         "momentum": config.muon_momentum, "nesterov": bool(nesterov),

@@ -203,3 +203,17 @@ def test_tiny_moe_in_megatrons_ddp_splits_as_the_other_backends(world):
     bare = {name: group.get("row_blocks") for group, is_muon in plain._split(params) if is_muon
             for name in group["param_names"]}
     assert "module.pos" in bare and bare["module.blocks.1.attn.qkv.weight"] is None
+
+
+def test_megatron_muon_takes_plan_as_its_former_name(world):
+    from distributed_muon.integrations.megatron import MegatronSharding
+    from distributed_muon.integrations.megatron_optimizer import MegatronMuon
+
+    model = torch.nn.Linear(4, 8)
+    params = list(model.parameters())
+    with pytest.warns(DeprecationWarning, match="MegatronMuon: plan is deprecated"):
+        opt = MegatronMuon([{"params": params}], MegatronSharding(model), plan="round_robin")
+    assert opt.owner_strategy == "round_robin"
+    with pytest.raises(TypeError, match="pass owner_strategy only"):
+        MegatronMuon([{"params": params}], MegatronSharding(model), plan="lpt",
+                     owner_strategy="round_robin")
